@@ -1,0 +1,134 @@
+"""Errors that carry their HTTP status, rendered by one handler into the API's JSON error shapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tunefit.errors")
+
+Source = Literal["body", "query"]
+
+
+class AppError(Exception):
+    """Base of the app's errors: an HTTP status, a message and extra JSON members."""
+
+    status_code: int = 400
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        return {"detail": self.detail, **self.extra}
+
+
+class NotFoundError(AppError):
+    """A named catalog entry does not exist; `suggestions` lists the closest slugs."""
+
+    status_code = 404
+
+    def __init__(self, detail: str, suggestions: list[str] | None = None, field: str | None = None) -> None:
+        super().__init__(detail, suggestions=list(suggestions or []))
+        self.field = field
+
+
+class UnknownModelError(NotFoundError):
+    """No catalog model has this slug or Hugging Face id."""
+
+
+class UnknownGpuError(NotFoundError):
+    """No catalog GPU has this slug."""
+
+
+class InputError(AppError):
+    """A request field is invalid in a way the schema cannot express; rendered like FastAPI's 422."""
+
+    status_code = 422
+
+    def __init__(self, field: str, message: str, source: Source = "body", value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.source: Source = source
+        self.value = value
+
+    def body(self) -> dict[str, Any]:
+        """FastAPI's validation shape: `detail` is a list of {loc, msg, type}."""
+        item: dict[str, Any] = {"type": "value_error", "loc": [self.source, self.field], "msg": self.detail}
+        if self.value is not None:
+            item["input"] = jsonable_encoder(self.value)
+        return {"detail": [item]}
+
+
+class CatalogUnavailableError(AppError):
+    """The catalog database cannot be read (not migrated, or unreachable)."""
+
+    status_code = 503
+
+
+def request_id_of(request: Request) -> str | None:
+    """The request id the middleware assigned, if any."""
+    return getattr(request.state, "request_id", None)
+
+
+def _source_of(request: Request) -> Source:
+    return "query" if request.method in ("GET", "HEAD") else "body"
+
+
+def render_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one place that turns any exception into the API's JSON error response."""
+    # Imported here so this module loads even before the core lands (the core is another helper's).
+    core_input_error = _core_input_error_type()
+    if core_input_error is not None and isinstance(exc, core_input_error):
+        field = str(getattr(exc, "field", "") or "request")
+        message = str(getattr(exc, "message", "") or exc)
+        exc = InputError(field, message, source=_source_of(request))
+    if isinstance(exc, AppError):
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    if isinstance(exc, StarletteHTTPException):
+        headers = dict(exc.headers) if exc.headers else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    rid = request_id_of(request)
+    log.exception("unhandled error (request_id=%s) on %s %s", rid, request.method, request.url.path)
+    return internal_error_response(rid)
+
+
+def internal_error_response(request_id: str | None) -> JSONResponse:
+    """A JSON 500 that names the request id instead of showing a traceback."""
+    body = {"detail": "internal error; the server log has details", "request_id": request_id}
+    return JSONResponse(body, status_code=500)
+
+
+def _core_input_error_type() -> type[Exception] | None:
+    try:
+        from app.core.errors import CoreInputError
+    except ImportError:
+        return None
+    return CoreInputError
+
+
+async def _handler(request: Request, exc: Exception) -> JSONResponse:
+    return render_error(request, exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one handler for every error type the app renders."""
+    app.add_exception_handler(AppError, _handler)
+    app.add_exception_handler(RequestValidationError, _handler)
+    app.add_exception_handler(StarletteHTTPException, _handler)
+    core_input_error = _core_input_error_type()
+    if core_input_error is not None:
+        app.add_exception_handler(core_input_error, _handler)
+    # `Exception` handlers run in Starlette's outermost middleware, outside ours; the request-id
+    # middleware therefore also catches stray exceptions itself (see app/middleware.py).
+    app.add_exception_handler(Exception, _handler)
