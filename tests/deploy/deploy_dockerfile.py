@@ -121,7 +121,9 @@ def healthcheck_command(ins: Instruction) -> str | None:
     if body.startswith("["):
         words = json.loads(body)
         # ["CMD-SHELL", "..."] and ["CMD", ...] are the exec forms of a health check.
-        return str(words[1]) if words[0] == "CMD-SHELL" else shlex.join(words[1:] if words[0] == "CMD" else words)
+        if words[0] == "CMD-SHELL":
+            return str(words[1])
+        return shlex.join(words[1:] if words[0] == "CMD" else words)
     return body
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from app.config import Settings
 
 # What the image may be configured by: the app's own settings, the bind address, and Python/pip knobs.
+SLIM_PYTHON = re.compile(r"python:(\d+)\.(\d+)(?:\.\d+)?-slim(?:-[a-z]+)?(?:@sha256:[0-9a-f]{64})?")
 ALLOWED_ENV = re.compile(r"^(TUNEFIT_[A-Z0-9_]+|HOST|PORT|PYTHON[A-Z0-9_]*|PIP_[A-Z0-9_]+)$")
 
 
@@ -71,9 +72,10 @@ def test_base_image_is_slim_python_matching_pyproject(instructions: list[Instruc
         words = ins.args.split()
         image = words[0]
         if image not in stages:
-            match = re.fullmatch(r"python:(\d+)\.(\d+)(?:\.\d+)?-slim(?:-[a-z]+)?(?:@sha256:[0-9a-f]{64})?", image)
+            match = SLIM_PYTHON.fullmatch(image)
             assert match, f"line {ins.line}: {image} is not a slim official Python image"
-            assert (int(match.group(1)), int(match.group(2))) >= minimum, f"{image} vs requires-python {requires}"
+            version = (int(match.group(1)), int(match.group(2)))
+            assert version >= minimum, f"{image} vs requires-python {requires}"
         if len(words) >= 3 and words[1].upper() == "AS":
             stages.add(words[2])
 
@@ -86,7 +88,8 @@ def test_runs_as_a_non_root_user_created_in_the_image(instructions: list[Instruc
     user = users[-1].args.split(":")[0]
     assert user not in ("root", "0"), "USER is root"
     runs = " ".join(ins.args for ins in _only(stage, "RUN"))
-    assert re.search(rf"\b(useradd|adduser)\b[^;&]*\b{re.escape(user)}\b", runs), f"user {user} is never created"
+    created = re.search(rf"\b(useradd|adduser)\b[^;&]*\b{re.escape(user)}\b", runs)
+    assert created, f"user {user} is never created"
     cmd_line = _only(stage, "CMD")[-1].line
     assert users[-1].line < cmd_line
 
@@ -151,7 +154,8 @@ def test_dependencies_come_from_pyproject(instructions: list[Instruction]) -> No
             if words[:2] != ["pip", "install"]:
                 continue
             targets = [w for w in words[2:] if not w.startswith("-")]
-            assert targets and set(targets) <= {".", "pip"}, f"line {ins.line}: installs {targets}, not pyproject"
+            assert targets, f"line {ins.line}: pip install of nothing"
+            assert set(targets) <= {".", "pip"}, f"line {ins.line}: installs {targets}, not pyproject"
 
 
 def test_every_copy_source_exists_and_reaches_the_builder(instructions: list[Instruction]) -> None:
