@@ -1,0 +1,206 @@
+"""Activation memory per token: what autograd saves in one decoder layer, and the logits/loss.
+
+Derived by reading the transformers 5.17 modeling code (Llama-style decoder layer, RMSNorm,
+`sdpa_attention_forward`, `eager_attention_forward`, `ForCausalLMLoss`), peft 0.21 `lora.Linear.forward`
+and bitsandbytes 0.50.2 `Linear4bit.forward` / `MatMul4Bit`, and checked against tensors that
+`torch.autograd.graph.saved_tensors_hooks` reports for tiny models (scripts/inspect_saved.py).
+All sizes are bytes per token (per batch element and position) unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.architecture import Architecture
+from app.core.setup import TrainingSetup
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Element sizes (bytes) of the tensors flowing through the model for one setup."""
+
+    residual: int  # embedding output and residual stream
+    linear_out: int  # what a base projection hands downstream
+    attn: int  # dtype SDPA/eager attention runs in
+    logits: int  # lm_head output
+    autocast: bool  # torch.autocast(bf16/fp16) around the forward
+    weights_trainable: bool  # full fine-tuning: base weights need grads
+
+
+def dtypes_for(setup: TrainingSetup) -> Dtypes:
+    """Which dtype each stream has under the reference stack."""
+    if setup.method == "qlora":
+        # prepare_model_for_kbit_training casts every non-4bit parameter (embedding, norms, lm_head)
+        # to fp32, so the residual stream is fp32; Linear4bit computes in bf16 and casts its output
+        # back to the input dtype (`.to(inp_dtype)` in bnb Linear4bit.forward): fp32 downstream.
+        return Dtypes(4, 4, 4, 4, False, False)
+    full = setup.method == "full"
+    if setup.precision in ("amp_bf16", "amp_fp16"):
+        # fp32 weights under autocast: matmuls produce 16-bit outputs, the residual adds promote
+        # back to fp32 (fp32 embedding + 16-bit projection), RMSNorm computes in fp32.
+        return Dtypes(4, 2, 2, 2, True, full)
+    size = 4 if setup.precision == "fp32" else 2
+    return Dtypes(size, size, size, size, False, full)
+
+
+def lora_target_names(arch: Architecture, targets: tuple[str, ...]) -> frozenset[str]:
+    """Per-layer Linear names LoRA wraps; peft's all-linear means every nn.Linear but the lm_head."""
+    names = {lin.name for lin in arch.linears}
+    if any(t.lower() in (ALL_LINEAR, "all_linear") for t in targets):
+        return frozenset(names)
+    return frozenset(t for t in targets if t in names)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes per token one decoder layer keeps for backward and needs transiently."""
+
+    saved: int  # kept from forward to backward without checkpointing
+    checkpoint_input: int  # kept per layer with (non-reentrant) gradient checkpointing
+    transient: int  # extra live bytes at the layer's busiest moment (forward or backward)
+    attn_scores_saved: int  # bytes per (batch x heads x q x k) element kept by eager attention
+    attn_scores_transient: int
+
+
+def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> LayerActivations:
+    """Per-token bytes of one dense decoder layer (MoE layers add `moe_extra`)."""
+    d = dtypes_for(setup)
+    h, q, kv, i = arch.hidden_size, arch.q_width, arch.kv_width, arch.intermediate_size
+    r = setup.lora_rank if setup.method != "full" else 0
+    res, out, full = d.residual, d.linear_out, d.weights_trainable
+    saved = 0
+
+    # RMSNorm (Llama: `hidden_states.to(float32)` is saved by pow/mul; `weight * x.to(dtype)` saves the
+    # normalized input when the weight trains).  Gemma's norm also saves the fp32 normalized value.
+    norm_saved = 4 * h + (res * h if full else 0)
+    if arch.norms_per_layer == 4:
+        norm_saved += 4 * h if full else 0
+    saved += 2 * norm_saved + (2 * 4 * h if arch.norms_per_layer == 4 else 0)
+
+    # Inputs the base projections save for their weight gradients (full fine-tuning only).  Under
+    # autocast each projection casts the fp32 norm output to 16-bit separately (autocast caches casts
+    # of leaf weights only), so q/k/v (gate/up) each keep their own copy.
+    def base_input(width: int, consumers: int) -> int:
+        if not full:
+            return 0
+        return (2 * width * consumers) if d.autocast else res * width
+
+    saved += base_input(h, 1 if arch.fused_qkv else 3) + base_input(h, 1 if arch.fused_gate_up else 2)
+    # down_proj's input is act(gate)*up, counted with the MLP below; o_proj's input is SDPA's output.
+
+    # LoRA: peft casts x to the adapter dtype (fp32) per wrapped module (`_cast_input_dtype`): a new
+    # fp32 copy per module for a 16-bit x, the same tensor for an fp32 x.  Under autocast lora_A then
+    # casts to 16-bit, again once per module.  lora_B saves lora_A's output (rank wide).
+    def lora(width: int, dx: int, names: tuple[str, ...], base_saves_x: bool) -> int:
+        wrapped = sum(1 for n in names if n in targets)
+        if not wrapped:
+            return 0
+        if d.autocast:
+            return wrapped * (2 * width + 2 * r)
+        copies = wrapped * 4 * width if dx != 4 else (0 if base_saves_x else 4 * width)
+        return copies + wrapped * 4 * r
+
+    base_saves = full and not d.autocast
+    saved += lora(h, res, ("q_proj", "k_proj", "v_proj", "qkv_proj"), base_saves)
+    # SDPA's output is o_proj's input and is saved by SDPA already (its transpose is contiguous).
+    saved += lora(q, d.attn, ("o_proj",), setup.attention != "eager")
+    saved += lora(h, res, ("gate_proj", "up_proj", "gate_up_proj"), base_saves)
+    saved += lora(i, out, ("down_proj",), full)
+
+    # q/k RMSNorm on head_dim (Qwen3, Gemma3): saves the fp32 copy of q and k.
+    if arch.qk_norm:
+        saved += 4 * (q + kv) + ((out * (q + kv)) if full else 0)
+
+    # Attention: SDPA (flash / memory-efficient) saves q, k, v (post-RoPE), its output and logsumexp;
+    # transformers passes enable_gqa=True when there is no mask, so k/v stay at kv-head width.
+    # RoPE saves only cos/sin (shared).  Under autocast SDPA runs on 16-bit casts of q, k, v.
+    att = d.attn
+    saved += att * (q + 2 * kv) + att * q + 4 * arch.num_heads
+    scores_saved = 0
+    scores_transient = 0
+    if setup.attention == "eager":
+        # eager_attention_forward: repeat_kv materializes k and v at full head width; softmax in
+        # fp32 (saved output) then `.to(query.dtype)` (saved by the PV matmul).
+        saved += (
+            att * 2 * (q - kv)
+            - att * q
+            - 4 * arch.num_heads
+            + (att * q if full or "o_proj" in targets else 0)
+        )
+        scores_saved = 4 + (att if att != 4 else 0)
+        scores_transient = 2 * att + 4
+    # the attention output is reshaped (a view) into o_proj; o_proj output is added to the residual.
+
+    # MLP (SwiGLU / GeGLU): act saves gate, the product saves act(gate) and up; full FT also saves
+    # act(gate)*up as down_proj's input.  Phi-3's fused gate_up output is the same bytes.
+    saved += 3 * out * i + (out * i if full else 0)
+
+    transient = _layer_transient(arch, setup, d)
+    return LayerActivations(saved, res * h, transient, scores_saved, scores_transient)
+
+
+def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int:
+    """Largest short-lived set in a layer: the MLP backward holds grads of gate, up and act."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    out = d.linear_out
+    # backward through act(gate)*up: grad_prod, grad_act, grad_up, grad_gate live together, plus
+    # the residual-stream gradient (two of them around an add) in the residual dtype.
+    transient = 3 * out * i + 2 * d.residual * h
+    if setup.method == "qlora":
+        # Linear4bit casts its fp32 input to bf16 (`x.to(compute_dtype)`) and returns bf16 before the
+        # cast back: a 16-bit copy of the widest input and output are alive at once.
+        transient += 2 * (h + i)
+    elif setup.method == "lora" and out == 2:
+        # lora.Linear: `result + lora_B(...)*scaling` promotes to fp32 before `.to(result dtype)`.
+        transient += 4 * i
+    return transient
+
+
+def moe_extra(arch: Architecture, setup: TrainingSetup) -> int:
+    """Extra bytes per token a sparse-MoE layer saves beyond a dense layer without its MLP."""
+    if not arch.is_moe:
+        return 0
+    d = dtypes_for(setup)
+    k, h, mi = arch.experts_per_token, arch.hidden_size, arch.moe_intermediate_size
+    out = d.linear_out
+    # transformers 5.17 grouped_mm_experts_forward: tokens are gathered k times (sorted by expert),
+    # gate_up output (2*mi) and its masked copy, act and product (mi each), down output and its
+    # masked copy, the routing-weighted product; router logits and fp32 softmax over experts.
+    per_route = d.residual * h + 2 * out * 2 * mi + 2 * out * mi + 3 * out * h
+    router = out * arch.num_experts + 4 * arch.num_experts
+    return k * per_route + router
+
+
+def moe_dense_mlp_saved(arch: Architecture, setup: TrainingSetup) -> int:
+    """Bytes per token the dense MLP part of a layer saves (removed for MoE layers)."""
+    d = dtypes_for(setup)
+    full = d.weights_trainable
+    return 3 * d.linear_out * arch.intermediate_size + (d.linear_out * arch.intermediate_size if full else 0)
+
+
+@dataclass(frozen=True)
+class LogitsBytes:
+    """Bytes per token of the lm_head output and the cross-entropy (V-wide tensors)."""
+
+    forward_peak: int
+    backward_peak: int
+
+
+def logits_bytes(arch: Architecture, setup: TrainingSetup) -> LogitsBytes:
+    """ForCausalLMLoss: `logits.float()`, then cross_entropy = log_softmax (saves output) + nll."""
+    d = dtypes_for(setup)
+    v = arch.vocab_size
+    lg = d.logits
+    upcast = 4 if lg != 4 else 0  # `.float()` is a no-op on fp32 logits (QLoRA's fp32 lm_head)
+    softcap = 0
+    if arch.final_logit_softcapping:
+        # Gemma 2: logits / cap, tanh (saves its output), * cap: one more V-wide tensor kept.
+        softcap = lg
+    # Forward: logits + fp32 copy + log_softmax output alive at once.  The model output (and its
+    # logits) is dropped once `.loss` is taken, as in `model(...).loss.backward()`.
+    forward = lg + upcast + 4 + 2 * softcap
+    # Backward: log_softmax output + nll grad + log_softmax grad (all fp32), + the saved softcap tensor.
+    backward = 4 * 3 + softcap
+    return LogitsBytes(forward * v, backward * v)

@@ -1,0 +1,336 @@
+"""Decoder-only transformer architectures parsed from a Hugging Face config.json.
+
+The module shapes mirror transformers 5.17's modeling files (`models/<family>/modeling_<family>.py`):
+what is an `nn.Linear` there is what peft can put a LoRA adapter on and what bitsandbytes quantizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app.core.errors import CoreInputError
+
+FIELD = "model_config"
+
+# Upper bounds that no real checkpoint approaches; beyond them the config is a typo or an attack.
+_MAX_DIM = 1 << 20  # hidden / intermediate / head sizes
+_MAX_LAYERS = 10_000
+_MAX_VOCAB = 1 << 24
+_MAX_HEADS = 1 << 14
+_MAX_EXPERTS = 1 << 14
+
+# Families whose transformers 5 modeling code we follow; others are read as Llama-shaped.
+KNOWN_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
+
+# transformers 5.17 `configuration_<family>.py` class defaults, for fields a config.json may omit.
+_DEFAULT_TIE = {"gemma": True, "gemma2": True, "gemma3_text": True}
+_DEFAULT_HEAD_DIM = {"gemma": 256, "gemma2": 256, "gemma3_text": 256, "qwen3": 128, "qwen3_moe": 128}
+_DEFAULT_VOCAB = {
+    "llama": 32000,
+    "mistral": 32000,
+    "mixtral": 32000,
+    "qwen2": 151936,
+    "qwen3": 151936,
+    "qwen2_moe": 151936,
+    "qwen3_moe": 151936,
+    "gemma": 256000,
+    "gemma2": 256000,
+    "gemma3_text": 262208,
+    "phi3": 32064,
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One `nn.Linear` per decoder layer (in `layers` of them): a LoRA target and a bnb-quantized weight."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    layers: int
+
+    @property
+    def weight_numel(self) -> int:
+        """Elements of the weight matrix of one instance."""
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers of a decoder-only LM that memory and time depend on (sizes in elements)."""
+
+    model_type: str
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    norms_per_layer: int
+    fused_qkv: bool
+    fused_gate_up: bool
+    num_experts: int
+    experts_per_token: int
+    moe_intermediate_size: int
+    num_moe_layers: int
+    shared_expert_intermediate_size: int
+    final_logit_softcapping: float | None
+    attn_logit_softcapping: float | None
+    sliding_window: int | None
+    max_position_embeddings: int
+    linears: tuple[Linear, ...]
+    params_total: int
+    params_active_per_token: int
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query projection (heads x head_dim); differs from hidden for Gemma."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of each of the key and value projections (GQA)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        """True when some layers route tokens to experts."""
+        return self.num_experts > 0 and self.num_moe_layers > 0
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding elements."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Output projection elements that are not shared with the input embedding."""
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def expert_params(self) -> int:
+        """Elements of the fused 3D expert tensors (`experts.gate_up_proj`, `experts.down_proj`)."""
+        return self.num_moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def router_params(self) -> int:
+        """Router weights: an `nn.Parameter` (not `nn.Linear`) in transformers 5 MoE routers."""
+        return self.num_moe_layers * self.num_experts * self.hidden_size
+
+    @property
+    def linear_params(self) -> int:
+        """Elements of all decoder-layer `nn.Linear` weights and biases."""
+        return sum(
+            lin.layers * (lin.weight_numel + (lin.out_features if lin.bias else 0)) for lin in self.linears
+        )
+
+    @property
+    def norm_params(self) -> int:
+        """RMSNorm weights (per-layer norms, q/k norms, the final norm)."""
+        per_layer = self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        return self.num_layers * per_layer + self.hidden_size
+
+
+def linear_modules(arch: Architecture) -> tuple[Linear, ...]:
+    """The per-layer `nn.Linear` modules (names as peft matches them), with their shapes."""
+    return arch.linears
+
+
+def _int(
+    cfg: Mapping[str, Any], key: str, default: int | None = None, low: int = 1, high: int = _MAX_DIM
+) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise CoreInputError(FIELD, f"config.json lacks {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise CoreInputError(FIELD, f"{key!r} must be an integer; got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise CoreInputError(FIELD, f"{key!r} must be between {low} and {high}; got {value}")
+    return value
+
+
+def _opt_float(cfg: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    value = cfg.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CoreInputError(FIELD, f"{key!r} must be a number or null; got {value!r}")
+    return float(value)
+
+
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Multimodal configs (Gemma 3, Llava-style) nest the language model under `text_config`."""
+    text = config.get("text_config")
+    if isinstance(text, Mapping) and "hidden_size" not in config:
+        merged = dict(text)
+        if "model_type" not in merged:
+            merged["model_type"] = f"{config.get('model_type', '')}_text"
+        if "tie_word_embeddings" not in merged and "tie_word_embeddings" in config:
+            merged["tie_word_embeddings"] = config["tie_word_embeddings"]
+        return merged
+    return config
+
+
+def _family(model_type: str) -> str:
+    if model_type in ("gemma3", "gemma3_text"):
+        return "gemma3_text"
+    if model_type in KNOWN_FAMILIES:
+        return model_type
+    return "llama"
+
+
+def parse_config(config: Mapping[str, Any]) -> Architecture:
+    """Read a Hugging Face config.json (dict) into an Architecture; CoreInputError(field='model_config')."""
+    if not isinstance(config, Mapping):
+        raise CoreInputError(FIELD, "must be a JSON object (a Hugging Face config.json)")
+    cfg = _text_config(config)
+    model_type = str(cfg.get("model_type") or "llama")
+    family = _family(model_type)
+    hidden = _int(cfg, "hidden_size")
+    layers = _int(cfg, "num_hidden_layers", high=_MAX_LAYERS)
+    heads = _int(cfg, "num_attention_heads", high=_MAX_HEADS)
+    kv_heads = _int(cfg, "num_key_value_heads", heads, high=_MAX_HEADS)
+    if heads % kv_heads:
+        raise CoreInputError(
+            FIELD, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    head_dim_default = _DEFAULT_HEAD_DIM.get(family)
+    if cfg.get("head_dim") is None and head_dim_default is None and hidden % heads:
+        raise CoreInputError(FIELD, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = _int(cfg, "head_dim", head_dim_default or hidden // heads)
+    vocab = _int(cfg, "vocab_size", _DEFAULT_VOCAB.get(family), high=_MAX_VOCAB)
+    tie = bool(cfg.get("tie_word_embeddings", _DEFAULT_TIE.get(family, False)))
+
+    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if num_experts < 0 or num_experts > _MAX_EXPERTS:
+        raise CoreInputError(
+            FIELD, f"number of experts must be between 0 and {_MAX_EXPERTS}; got {num_experts}"
+        )
+    moe_inter = 0
+    top_k = 0
+    moe_layers = 0
+    shared_inter = 0
+    if num_experts:
+        top_k = _int(cfg, "num_experts_per_tok", 2, high=num_experts)
+        dense_default = cfg.get("intermediate_size")
+        moe_inter = _int(cfg, "moe_intermediate_size", dense_default)
+        step = _int(cfg, "decoder_sparse_step", 1, high=_MAX_LAYERS)
+        dense_only = {int(i) for i in cfg.get("mlp_only_layers") or () if isinstance(i, int)}
+        moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+        shared_inter = _int(cfg, "shared_expert_intermediate_size", 0, low=0)
+    inter_default = None if not num_experts or moe_layers < layers else moe_inter
+    intermediate = _int(cfg, "intermediate_size", inter_default)
+
+    qkv_bias = family in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False))
+    # Qwen3 applies attention_bias to o_proj too; Llama-style models use it for all four projections.
+    o_bias = bool(cfg.get("attention_bias", False))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+    qk_norm = family in ("qwen3", "qwen3_moe", "gemma3_text")
+    norms_per_layer = 4 if family in ("gemma2", "gemma3_text") else 2
+    fused = family == "phi3"
+
+    dense_layers = layers - moe_layers
+    lins: list[Linear] = []
+    q_w, kv_w = heads * head_dim, kv_heads * head_dim
+    if fused:
+        lins.append(Linear("qkv_proj", hidden, q_w + 2 * kv_w, qkv_bias, layers))
+    else:
+        lins.append(Linear("q_proj", hidden, q_w, qkv_bias, layers))
+        lins.append(Linear("k_proj", hidden, kv_w, qkv_bias, layers))
+        lins.append(Linear("v_proj", hidden, kv_w, qkv_bias, layers))
+    lins.append(Linear("o_proj", q_w, hidden, o_bias, layers))
+    if dense_layers:
+        if fused:
+            lins.append(Linear("gate_up_proj", hidden, 2 * intermediate, mlp_bias, dense_layers))
+        else:
+            lins.append(Linear("gate_proj", hidden, intermediate, mlp_bias, dense_layers))
+            lins.append(Linear("up_proj", hidden, intermediate, mlp_bias, dense_layers))
+        lins.append(Linear("down_proj", intermediate, hidden, mlp_bias, dense_layers))
+    if shared_inter:
+        # Qwen2-MoE's shared expert is a plain MLP of nn.Linear (same names as a dense MLP) plus a gate.
+        lins.append(Linear("gate_proj", hidden, shared_inter, False, moe_layers))
+        lins.append(Linear("up_proj", hidden, shared_inter, False, moe_layers))
+        lins.append(Linear("down_proj", shared_inter, hidden, False, moe_layers))
+        lins.append(Linear("shared_expert_gate", hidden, 1, False, moe_layers))
+
+    arch = Architecture(
+        model_type=model_type,
+        family=family,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        tie_embeddings=tie,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=qk_norm,
+        norms_per_layer=norms_per_layer,
+        fused_qkv=fused,
+        fused_gate_up=fused,
+        num_experts=num_experts,
+        experts_per_token=top_k,
+        moe_intermediate_size=moe_inter,
+        num_moe_layers=moe_layers,
+        shared_expert_intermediate_size=shared_inter,
+        final_logit_softcapping=_opt_float(
+            cfg, "final_logit_softcapping", 30.0 if family == "gemma2" else None
+        ),
+        attn_logit_softcapping=_opt_float(
+            cfg, "attn_logit_softcapping", 50.0 if family == "gemma2" else None
+        ),
+        sliding_window=_opt_sliding(cfg),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 4096, high=1 << 40),
+        linears=tuple(lins),
+        params_total=0,
+        params_active_per_token=0,
+    )
+    total = (
+        arch.embedding_params
+        + arch.lm_head_params
+        + arch.linear_params
+        + arch.norm_params
+        + arch.expert_params
+        + arch.router_params
+    )
+    inactive = arch.num_moe_layers * (num_experts - top_k) * 3 * hidden * moe_inter
+    return _replace_counts(arch, total, total - inactive)
+
+
+def _opt_sliding(cfg: Mapping[str, Any]) -> int | None:
+    value = cfg.get("sliding_window")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _replace_counts(arch: Architecture, total: int, active: int) -> Architecture:
+    from dataclasses import replace
+
+    return replace(arch, params_total=total, params_active_per_token=active)

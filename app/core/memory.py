@@ -1,0 +1,309 @@
+"""Peak GPU memory per GPU of one training setup, as nvidia-smi shows it, with a named breakdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core import activations as act
+from app.core.allocator import (
+    CUBLAS_WORKSPACE_BYTES,
+    GIB,
+    cuda_context_bytes,
+    segment_bytes,
+)
+from app.core.architecture import Architecture
+from app.core.errors import CoreInputError
+from app.core.notices import Notice
+from app.core.optim import optimizer_bytes
+from app.core.quant import nf4_tensors
+from app.core.setup import TrainingSetup
+
+# (bytes of one tensor, how many such tensors)
+Group = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak per-GPU memory (bytes) and the named terms that add up to it."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]
+    params_total: int
+    params_trainable: int
+    warnings: tuple[Notice, ...]
+    assumptions: tuple[str, ...]
+
+    @property
+    def peak_gib(self) -> float:
+        """Peak in GiB (2^30 bytes)."""
+        return self.peak_bytes / GIB
+
+
+def _param_bytes(setup: TrainingSetup) -> int:
+    """Element size of the (base) model's parameters as loaded."""
+    if setup.precision in ("fp32", "amp_bf16", "amp_fp16"):
+        return 4
+    return 2
+
+
+def _tensor_groups(arch: Architecture) -> list[tuple[int, int, int]]:
+    """(rows, cols, count) of every parameter tensor of the model."""
+    h = arch.hidden_size
+    groups: list[tuple[int, int, int]] = [(arch.vocab_size, h, 1)]
+    if not arch.tie_embeddings:
+        groups.append((arch.vocab_size, h, 1))
+    for lin in arch.linears:
+        groups.append((lin.out_features, lin.in_features, lin.layers))
+        if lin.bias:
+            groups.append((lin.out_features, 1, lin.layers))
+    groups.append((h, 1, arch.num_layers * arch.norms_per_layer + 1))
+    if arch.qk_norm:
+        groups.append((arch.head_dim, 1, 2 * arch.num_layers))
+    if arch.is_moe:
+        e, mi = arch.num_experts, arch.moe_intermediate_size
+        groups.append((e * 2 * mi, h, arch.num_moe_layers))
+        groups.append((e * h, mi, arch.num_moe_layers))
+        groups.append((e, h, arch.num_moe_layers))
+    return groups
+
+
+def _lora_groups(arch: Architecture, targets: frozenset[str], rank: int) -> list[tuple[int, int, int]]:
+    """(rows, cols, count) of the LoRA A and B matrices."""
+    groups: list[tuple[int, int, int]] = []
+    for lin in arch.linears:
+        if lin.name in targets:
+            groups.append((rank, lin.in_features, lin.layers))
+            groups.append((lin.out_features, rank, lin.layers))
+    return groups
+
+
+def _weights(arch: Architecture, setup: TrainingSetup) -> tuple[list[Group], int]:
+    """Resident base-model weight tensors and the largest dequantized weight (QLoRA)."""
+    if setup.method != "qlora":
+        size = _param_bytes(setup)
+        return [(r * c * size, n) for r, c, n in _tensor_groups(arch)], 0
+    groups: list[Group] = []
+    largest = 0
+    quantized = {(lin.out_features, lin.in_features) for lin in arch.linears}
+    for lin in arch.linears:
+        # transformers `replace_with_bnb_linear` swaps every `type(module) is nn.Linear` except the
+        # lm_head / tied embedding (`get_keys_to_not_convert`) for bnb Linear4bit.
+        for nbytes in nf4_tensors(lin.weight_numel, setup.double_quant):
+            groups.append((nbytes, lin.layers))
+        if lin.bias:
+            groups.append((lin.out_features * 2, lin.layers))
+        largest = max(largest, lin.weight_numel * 2)
+    for r, c, n in _tensor_groups(arch):
+        if (r, c) in quantized and c != 1:
+            continue
+        if c == 1 and any(lin.bias and lin.out_features == r for lin in arch.linears):
+            continue
+        # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 parameter to fp32:
+        # embedding, lm_head, norms -- and MoE experts, which transformers 5 stores as 3D
+        # nn.Parameter tensors that bitsandbytes does not quantize.
+        groups.append((r * c * 4, n))
+    return groups, largest
+
+
+def _sum(groups: list[Group]) -> int:
+    return sum(b * n for b, n in groups)
+
+
+def _reserved(groups: list[Group]) -> int:
+    return sum(segment_bytes(b) * n for b, n in groups)
+
+
+def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
+    """Predict peak per-GPU memory (NVML used) for one training setup on one architecture."""
+    warnings: list[Notice] = []
+    assumptions: list[str] = []
+    targets = act.lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
+    if setup.method != "full":
+        unknown = [
+            t
+            for t in setup.lora_targets
+            if t.lower() not in (act.ALL_LINEAR, "all_linear") and t not in {lin.name for lin in arch.linears}
+        ]
+        if unknown:
+            names = ", ".join(sorted({lin.name for lin in arch.linears}))
+            raise CoreInputError(
+                "lora_targets",
+                f"{', '.join(unknown)} not a Linear module of {arch.model_type}; choose from {names}",
+            )
+    n = setup.num_gpus
+    multi = n > 1
+    dtypes = act.dtypes_for(setup)
+    tokens = setup.batch_size * setup.seq_len
+
+    # --- parameters -------------------------------------------------------------------------
+    weight_groups, dequant_bytes = _weights(arch, setup)
+    if setup.method == "full":
+        trainable_shapes = _tensor_groups(arch)
+        grad_size = _param_bytes(setup)
+    else:
+        trainable_shapes = _lora_groups(arch, targets, setup.lora_rank)
+        # peft get_peft_model(autocast_adapter_dtype=True) creates bf16/fp16 adapters as fp32.
+        grad_size = 4
+    params_trainable = sum(r * c * k for r, c, k in trainable_shapes)
+    trainable_groups: list[Group] = [(r * c * grad_size, k) for r, c, k in trainable_shapes]
+
+    shard_params = multi and setup.parallelism in ("fsdp", "zero3")
+    shard_grads = multi and setup.parallelism in ("fsdp", "zero2", "zero3")
+    shard_states = multi and setup.parallelism != "ddp"
+
+    weights = _reserved(weight_groups)
+    adapters = _reserved(trainable_groups) if setup.method != "full" else 0
+    grads = _reserved(trainable_groups)
+    opt = optimizer_bytes(setup.optimizer, ((r * c, grad_size, k) for r, c, k in trainable_shapes))
+    states = sum(segment_bytes(b) for b in opt.state_tensors)
+    managed = opt.managed_bytes
+    step_temp = sum(segment_bytes(b) for b in opt.step_temp_tensors)
+    if shard_params:
+        weights //= n
+        adapters //= n
+    if shard_grads:
+        grads //= n
+    if shard_states:
+        states //= n
+        managed //= n
+        step_temp //= n
+
+    # --- activations --------------------------------------------------------------------------
+    layer = act.layer_activations(arch, setup, targets)
+    moe = act.moe_extra(arch, setup)
+    dense_mlp = act.moe_dense_mlp_saved(arch, setup)
+    layers_dense = arch.num_layers - arch.num_moe_layers
+    saved_dense = layer.saved
+    saved_moe = layer.saved - dense_mlp + moe if arch.is_moe else 0
+    layer_saved_max = max(saved_dense if layers_dense else 0, saved_moe)
+    scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
+    eager_mask = (
+        setup.batch_size * setup.seq_len * setup.seq_len * dtypes.attn if setup.attention == "eager" else 0
+    )
+    final_norm = 4 * arch.hidden_size + dtypes.residual * arch.hidden_size
+    logits = act.logits_bytes(arch, setup)
+
+    if setup.gradient_checkpointing:
+        kept_per_layer = layer.checkpoint_input * tokens
+        kept_all = arch.num_layers * kept_per_layer + eager_mask
+        recompute = layer_saved_max * tokens + layer.attn_scores_saved * scores
+    else:
+        kept_all = (layers_dense * saved_dense + arch.num_moe_layers * saved_moe) * tokens
+        kept_all += arch.num_layers * layer.attn_scores_saved * scores + eager_mask
+        kept_per_layer = layer_saved_max * tokens + layer.attn_scores_saved * scores
+        recompute = 0
+    transient = layer.transient * tokens + layer.attn_scores_transient * scores
+    embed_out = dtypes.residual * arch.hidden_size * tokens
+
+    head_grads = 0
+    if setup.method == "full":
+        head_grads = segment_bytes(arch.vocab_size * arch.hidden_size * grad_size) + segment_bytes(
+            arch.hidden_size * grad_size
+        )
+        if shard_grads:
+            head_grads //= n
+    layer_grads = max(grads - head_grads, 0)
+
+    # Phases: forward end (loss computed), backward start (top layer), backward end (bottom layer),
+    # optimizer step.  Optimizer states exist from the first step on, so the forward/backward of the
+    # second step see them; gradients are None at the forward (zero_grad(set_to_none=True)).
+    fwd = kept_all + final_norm * tokens + logits.forward_peak * tokens + embed_out
+    bwd_loss = kept_all + final_norm * tokens + logits.backward_peak * tokens
+    bwd_top = kept_all + recompute + transient + head_grads
+    bwd_bottom = kept_per_layer + recompute + transient + embed_out + layer_grads + head_grads
+    phases: dict[str, dict[str, int]] = {
+        "forward": {
+            "activations": kept_all + final_norm * tokens + embed_out,
+            "logits_and_loss": logits.forward_peak * tokens,
+            "optimizer_states": states,
+        },
+        "backward_loss": {
+            "activations": kept_all + final_norm * tokens,
+            "logits_and_loss": logits.backward_peak * tokens,
+            "optimizer_states": states,
+        },
+        "backward_top": {
+            "activations": bwd_top - head_grads,
+            "gradients": head_grads,
+            "optimizer_states": states,
+        },
+        "backward_bottom": {
+            "activations": bwd_bottom - layer_grads - head_grads,
+            "gradients": layer_grads + head_grads,
+            "optimizer_states": states,
+        },
+        "optimizer_step": {
+            "gradients": grads,
+            "optimizer_states": states,
+            "optimizer_step_temporaries": step_temp,
+        },
+    }
+    del fwd, bwd_loss
+    if dequant_bytes:
+        for name in ("forward", "backward_top", "backward_bottom"):
+            # bnb MatMul4Bit dequantizes the whole weight to bf16 for the matmul (and again in backward).
+            phases[name]["qlora_dequant_workspace"] = dequant_bytes
+    best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+
+    breakdown: dict[str, int] = {"cuda_context": cuda_context_bytes(), "weights": weights}
+    if adapters:
+        breakdown["adapters"] = adapters
+    for key in (
+        "gradients",
+        "optimizer_states",
+        "optimizer_step_temporaries",
+        "activations",
+        "logits_and_loss",
+        "qlora_dequant_workspace",
+    ):
+        if best.get(key):
+            breakdown[key] = best[key]
+    if managed:
+        breakdown["optimizer_states_paged"] = managed
+    if multi and setup.parallelism == "ddp":
+        # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
+        breakdown["ddp_buckets"] = _reserved(trainable_groups)
+    if shard_params:
+        # FSDP / ZeRO-3 gather one layer's full parameters at a time (plus one prefetched).
+        per_layer = (_sum(weight_groups) - arch.embedding_params * _param_bytes(setup)) // max(
+            arch.num_layers, 1
+        )
+        breakdown["gathered_params"] = 2 * per_layer
+    breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
+    peak = sum(breakdown.values())
+
+    assumptions.append(
+        f"Peak phase: {best_name.replace('_', ' ')}; "
+        f"every sequence is exactly {setup.seq_len} tokens (no padding)."
+    )
+    if setup.method == "qlora":
+        assumptions.append(
+            "QLoRA: NF4 weights (bitsandbytes), embeddings/norms/lm_head cast to fp32 by "
+            "prepare_model_for_kbit_training, so activations are fp32."
+        )
+    if setup.method != "full":
+        assumptions.append("LoRA adapters are fp32 (peft autocast_adapter_dtype=True).")
+    if multi:
+        assumptions.append(
+            f"{setup.parallelism} over {n} GPUs: per-GPU memory; multi-GPU terms are not calibrated."
+        )
+    if setup.seq_len > arch.max_position_embeddings:
+        warnings.append(
+            Notice(
+                "seq_len_beyond_context",
+                f"seq_len {setup.seq_len} exceeds the model's "
+                f"max_position_embeddings {arch.max_position_embeddings}.",
+            )
+        )
+    if peak > 1 << 50:
+        warnings.append(
+            Notice("absurd_size", "This setup needs more than a petabyte per GPU; it fits nowhere.")
+        )
+    return MemoryEstimate(
+        peak_bytes=peak,
+        breakdown=breakdown,
+        params_total=arch.params_total,
+        params_trainable=params_trainable,
+        warnings=tuple(warnings),
+        assumptions=tuple(assumptions),
+    )
