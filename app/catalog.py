@@ -361,11 +361,31 @@ def stage_price(session: Session, values: dict[str, Any]) -> str:
     return _stage_price(session, gpu.id, values)
 
 
-def load_seed(session: Session, data_dir: Any = None) -> dict[str, ImportReport]:
-    """Load data/ (GPUs, prices, models, tiers) idempotently; see app.catalog_seed."""
-    from app.catalog_seed import DATA_DIR, load_seed_files
+class SeedError(ValueError):
+    """The seed files have rejected rows; nothing was loaded. `reports` says which and why."""
 
-    return load_seed_files(session, data_dir or DATA_DIR)
+    def __init__(self, reports: dict[str, ImportReport]) -> None:
+        issues = [f"{part} line {e.line}: {e.message}" for part, r in reports.items() for e in r.errors]
+        super().__init__("seed catalog not loaded: " + "; ".join(issues[:10]))
+        self.reports = reports
+
+
+def load_seed(
+    session: Session, data_dir: Any = None, *, only_if_empty: bool = False
+) -> dict[str, ImportReport]:
+    """Load data/ (GPUs, prices, models, tiers) idempotently; bad rows raise SeedError, changing nothing.
+
+    Running it again changes nothing; after the files change it updates facts and appends new prices.
+    With `only_if_empty`, a catalog that already has rows is left alone (returns {}).
+    """
+    from app.catalog_seed import DATA_DIR, load_seed_files, seed_ok
+
+    if only_if_empty and not catalog_is_empty(session):
+        return {}
+    reports = load_seed_files(session, data_dir or DATA_DIR)
+    if not seed_ok(reports):
+        raise SeedError(reports)
+    return reports
 
 
 # ---------------------------------------------------------------- values for the core

@@ -198,18 +198,24 @@ TIER_FIELDS: Spec = {
 
 
 def parse_row(row: Mapping[str, Any], spec: Spec, optional: set[str]) -> dict[str, Any]:
-    """Validate one row against `spec`; raises RowError naming the first bad field."""
+    """Validate one row against `spec`; raises RowError naming the first bad field (message: all of them)."""
     out: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
     for name, conv in spec.items():
         if name not in row or row[name] is None:
             if name in optional:
                 out[name] = conv("") if name in ("note", "notes") else None
-                continue
-            raise RowError(name, "is missing")
+            else:
+                problems.append((name, "is missing"))
+            continue
         try:
             out[name] = conv(row[name])
         except ValueError as exc:
-            raise RowError(name, str(exc)) from None
+            problems.append((name, str(exc)))
+    if problems:
+        first, message = problems[0]
+        rest = "; ".join(f"{f}: {m}" for f, m in problems[1:])
+        raise RowError(first, message + (f"; {rest}" if rest else ""))
     if "platform" in spec and out.get("platform") is None:
         out["platform"] = "cuda"  # a GPU row without a platform column is an NVIDIA/CUDA card
     return out
