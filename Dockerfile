@@ -16,7 +16,6 @@ RUN pip install --upgrade pip && pip install .  && pip uninstall -y tunefit
 # The application, seed data, templates, static files and migrations.
 COPY app ./app
 COPY migrations ./migrations
-COPY alembic.ini ./alembic.ini
 COPY data ./data
 COPY templates ./templates
 COPY static ./static
