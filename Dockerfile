@@ -19,7 +19,9 @@ COPY migrations ./migrations
 COPY data ./data
 COPY templates ./templates
 COPY static ./static
-RUN pip install --no-deps . \
+# Editable (-e): the app finds migrations/, data/, templates/ and static/ beside its package
+# (paths relative to app/), so its code must run from /srv/tunefit/app, not from site-packages.
+RUN pip install --no-deps -e . \
     && useradd --system --uid 10001 --home-dir /srv/tunefit tunefit \
     && mkdir -p /srv/tunefit/var && chown -R tunefit /srv/tunefit/var
 
