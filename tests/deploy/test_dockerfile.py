@@ -207,3 +207,34 @@ def test_compose_app_can_be_scaled(compose: dict[str, Any]) -> None:
     for spec in app.get("ports", []):
         host = str(spec).rsplit(":", 1)[0]
         assert "-" in host or "${" in host, f"ports {spec}: a single fixed host port binds only one replica"
+
+
+# Each mutation breaks the Dockerfile in one way; the check named beside it must notice.
+BASE, USER, CMD, ENV = (
+    test_base_image_is_slim_python_matching_pyproject,
+    test_runs_as_a_non_root_user_created_in_the_image,
+    test_cmd_serves_with_migrations_via_tunefit_serve,
+    test_env_is_only_tunefit_settings_and_python_knobs,
+)
+DEPS, COPIES = test_dependencies_come_from_pyproject, test_every_copy_source_exists_and_reaches_the_builder
+MUTATIONS = [
+    ("FROM python:3.11-slim AS base", "FROM python:3.11 AS base", BASE),
+    ("FROM python:3.11-slim AS base", "FROM python:3.10-slim AS base", BASE),
+    ("USER tunefit", "USER root", USER),
+    ("HEALTHCHECK", "# HEALTHCHECK", test_healthcheck_probes_healthz_on_the_served_port),
+    ('CMD ["sh", "-c", "exec tunefit', 'CMD ["sh", "-c", "tunefit', CMD),
+    ("ENV TUNEFIT_DATABASE_URL=", "ENV TUNEFIT_DB_URL=", ENV),
+    ("PORT=8000", "PORT=8000 \\\n    APP_MODE=prod", ENV),
+    ("chown -R tunefit", "chown -R root", test_sqlite_folder_is_owned_by_the_runtime_user),
+    ("pip install --upgrade pip", "pip install --upgrade pip requests", DEPS),
+    ("COPY data ./data", "COPY data ./data\nCOPY settings.toml ./", COPIES),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "check"), MUTATIONS, ids=[m[1].split("\n")[-1][:36] for m in MUTATIONS])
+def test_each_check_rejects_a_broken_dockerfile(old: str, new: str, check: Any) -> None:
+    """Each static check fails on a Dockerfile broken in the way it guards against (no vacuous checks)."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert old in text, f"the mutation's anchor {old!r} is gone from the Dockerfile: update MUTATIONS"
+    with pytest.raises(AssertionError):
+        check(parse(text.replace(old, new, 1)))
