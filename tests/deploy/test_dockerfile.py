@@ -231,7 +231,7 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize(("old", "new", "check"), MUTATIONS, ids=[m[1].split("\n")[-1][:36] for m in MUTATIONS])
+@pytest.mark.parametrize(("old", "new", "check"), MUTATIONS, ids=[m[1].split("\n")[-1] for m in MUTATIONS])
 def test_each_check_rejects_a_broken_dockerfile(old: str, new: str, check: Any) -> None:
     """Each static check fails on a Dockerfile broken in the way it guards against (no vacuous checks)."""
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
