@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tunefit.errors")
@@ -99,6 +100,12 @@ def render_error(request: Request, exc: Exception) -> JSONResponse:
         headers = dict(exc.headers) if exc.headers else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
     rid = request_id_of(request)
+    if isinstance(exc, SQLAlchemyError):
+        # The database is down, unmigrated or broken underneath us: the client can retry later.
+        log.error("database error (request_id=%s) on %s %s: %s", rid, request.method, request.url.path,
+                  exc.__class__.__name__, exc_info=exc)
+        body = {"detail": "the catalog database is unavailable; try again later", "request_id": rid}
+        return JSONResponse(body, status_code=503)
     log.exception("unhandled error (request_id=%s) on %s %s", rid, request.method, request.url.path)
     return internal_error_response(rid)
 

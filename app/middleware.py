@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import internal_error_response, render_error
+from app.logs import current_request_id
 
 log = logging.getLogger("tunefit.request")
 
@@ -72,6 +73,7 @@ class RequestContextMiddleware:
         headers = Headers(scope=scope)
         rid = pick_request_id(headers.get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = rid
+        token = current_request_id.set(rid)
         path: str = scope.get("path", "")
         started = time.perf_counter()
         status = {"code": 0, "sent": False}
@@ -110,6 +112,7 @@ class RequestContextMiddleware:
             await err(scope, receive, send_wrapper)
         finally:
             self._log(scope, rid, status["code"], started)
+            current_request_id.reset(token)
 
     async def _read_limited_body(
         self, scope: Scope, receive: Receive, headers: Headers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.core.setup import Attention, Method, Optimizer, Parallelism, Precision
 
@@ -36,20 +36,19 @@ def _blank_to_none(cls: Any, value: Any) -> Any:
     return value
 
 
-class EstimateRequest(BaseModel):
-    """One estimate: what to train, how, on what, and for how much data."""
+_FORBID_EXTRA = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+class EstimateFields(BaseModel):
+    """The estimate fields shared by the JSON body and the query string (all but two)."""
+
+    model_config = _FORBID_EXTRA
 
     model: Slug | None = Field(
         None,
         description="Catalog slug (`llama-3.1-8b`) or Hugging Face id (`meta-llama/Llama-3.1-8B`); "
         "give this or `model_config`.",
         examples=["llama-3.1-8b"],
-    )
-    # `model_config` is pydantic's own attribute name, so the field lives under another name.
-    hf_config: dict[str, Any] | None = Field(
-        None, alias="model_config", description="A Hugging Face config.json object (any model, offline)."
     )
     method: Method | None = Field(None, description="full | lora | qlora; omitted: tunefit recommends one.")
     precision: Precision = "bf16"
@@ -60,12 +59,6 @@ class EstimateRequest(BaseModel):
     attention: Attention = "sdpa"
     lora_rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
     lora_alpha: int | None = Field(None, ge=1, le=1 << 30, description="Default: 2 × lora_rank.")
-    lora_targets: list[ModuleName] = Field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        min_length=1,
-        max_length=MAX_LORA_TARGETS,
-        description="Module names (`q_proj`, ...) or `all-linear`; a comma-separated string also works.",
-    )
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
     gpu: Slug | None = Field(None, description="Catalog GPU slug; omitted: rank the catalog.")
     num_gpus: int = Field(1, ge=1, le=MAX_NUM_GPUS)
@@ -79,6 +72,23 @@ class EstimateRequest(BaseModel):
     electricity_usd_per_kwh: float = Field(0.15, ge=0, le=100)
     ranking: bool = Field(False, description="Also rank the catalog when a `gpu` is given.")
 
+    _blank_is_none = field_validator("model", "gpu", "owned_gpu", mode="before")(_blank_to_none)
+
+
+class EstimateRequest(EstimateFields):
+    """One estimate: what to train, how, on what, and for how much data (the JSON body)."""
+
+    # `model_config` is pydantic's own attribute name, so the field lives under another name.
+    hf_config: dict[str, Any] | None = Field(
+        None, alias="model_config", description="A Hugging Face config.json object (any model, offline)."
+    )
+    lora_targets: list[ModuleName] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        max_length=MAX_LORA_TARGETS,
+        description="Module names (`q_proj`, ...) or `all-linear`; a comma-separated string also works.",
+    )
+
     @field_validator("lora_targets", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
@@ -86,8 +96,6 @@ class EstimateRequest(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-    _blank_is_none = field_validator("model", "gpu", "owned_gpu", mode="before")(_blank_to_none)
 
     @property
     def effective_lora_alpha(self) -> int:
@@ -100,32 +108,15 @@ class EstimateRequest(BaseModel):
         return self.tokens_per_sample if self.tokens_per_sample is not None else self.seq_len
 
 
-def _query_model() -> type[BaseModel]:
-    """EstimateRequest's fields as query parameters: lists comma-separated, model_config as JSON text."""
-    fields: dict[str, Any] = {}
-    for name, info in EstimateRequest.model_fields.items():
-        if name in ("lora_targets", "hf_config"):
-            continue
-        fields[name] = (info.annotation, info)
-    fields["lora_targets"] = (
-        str | None,
-        Field(None, max_length=8192, description="Comma-separated module names or all-linear."),
-    )
-    fields["hf_config"] = (
-        str | None,
-        Field(None, alias="model_config", description="A config.json object as URL-encoded JSON."),
-    )
-    return create_model(
-        "EstimateQuery",
-        __config__=ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False),
-        __validators__={
-            "_blank_is_none": field_validator("model", "gpu", "owned_gpu", mode="before")(_blank_to_none)
-        },
-        **fields,
-    )
+class EstimateQuery(EstimateFields):
+    """The same fields as query parameters: lists comma-separated, model_config as URL-encoded JSON."""
 
-
-EstimateQuery = _query_model()
+    hf_config: str | None = Field(
+        None, alias="model_config", description="A config.json object as URL-encoded JSON."
+    )
+    lora_targets: str | None = Field(
+        None, max_length=8192, description="Comma-separated module names or all-linear."
+    )
 
 
 class QueryFieldError(Exception):
@@ -136,7 +127,7 @@ class QueryFieldError(Exception):
         self.errors = errors
 
 
-def request_from_query(query: BaseModel) -> EstimateRequest:
+def request_from_query(query: EstimateQuery) -> EstimateRequest:
     """Turn validated query parameters into the same EstimateRequest a JSON body makes."""
     data = query.model_dump(exclude_unset=True)
     raw_config = data.pop("hf_config", None)
