@@ -72,12 +72,13 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     res, out, full = d.residual, d.linear_out, d.weights_trainable
     saved = 0
 
-    # RMSNorm (Llama: `hidden_states.to(float32)` is saved by pow/mul; `weight * x.to(dtype)` saves the
-    # normalized input when the weight trains).  Gemma's norm also saves the fp32 normalized value.
-    norm_saved = 4 * h + (res * h if full else 0)
-    if arch.norms_per_layer == 4:
-        norm_saved += 4 * h if full else 0
-    saved += 2 * norm_saved + (2 * 4 * h if arch.norms_per_layer == 4 else 0)
+    # RMSNorm.  Llama-style (`weight * hidden_states.to(input_dtype)`): the fp32 input is saved by
+    # pow/mul, and the re-cast normalized input when the weight trains.  Gemma-style
+    # (`_norm(x.float()) * (1.0 + weight.float())`): the fp32 input, and the fp32 normalized value when
+    # the weight trains.  Gemma 2/3 have four norms per layer (pre/post attention and feed-forward).
+    gemma = arch.norms_per_layer == 4
+    norm_saved = 4 * h + ((4 if gemma else res) * h if full else 0)
+    saved += arch.norms_per_layer * norm_saved
 
     # Inputs the base projections save for their weight gradients (full fine-tuning only).  Under
     # autocast each projection casts the fp32 norm output to 16-bit separately (autocast caches casts
@@ -109,15 +110,20 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     saved += lora(h, res, ("gate_proj", "up_proj", "gate_up_proj"), base_saves)
     saved += lora(i, out, ("down_proj",), full)
 
-    # q/k RMSNorm on head_dim (Qwen3, Gemma3): saves the fp32 copy of q and k.
+    # q/k RMSNorm on head_dim (Qwen3, Gemma3): the fp32 copy of q and k, plus the normalized value
+    # when the weight trains (16-bit for Qwen3's Llama-style norm, fp32 for Gemma's).
     if arch.qk_norm:
-        saved += 4 * (q + kv) + ((out * (q + kv)) if full else 0)
+        saved += 4 * (q + kv) + (((4 if gemma else out) * (q + kv)) if full else 0)
 
     # Attention: SDPA (flash / memory-efficient) saves q, k, v (post-RoPE), its output and logsumexp;
     # transformers passes enable_gqa=True when there is no mask, so k/v stay at kv-head width.
     # RoPE saves only cos/sin (shared).  Under autocast SDPA runs on 16-bit casts of q, k, v.
     att = d.attn
     saved += att * (q + 2 * kv) + att * q + 4 * arch.num_heads
+    if arch.fused_qkv and (setup.attention != "eager" or kv == q):
+        # Phi-3: v is a view of the fused qkv_proj output, so saving v keeps all q+2kv of it alive
+        # (eager's repeat_kv copies v unless every head has its own k/v).
+        saved += out * (q + kv)
     scores_saved = 0
     scores_transient = 0
     if setup.attention == "eager":
@@ -130,6 +136,9 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
             + (att * q if full or "o_proj" in targets else 0)
         )
         scores_saved = 4 + (att if att != 4 else 0)
+        if arch.attn_logit_softcapping:
+            # Gemma 2: scores / cap, tanh (saves its output), * cap before the softmax.
+            scores_saved += att
         scores_transient = 2 * att + 4
     # the attention output is reshaped (a view) into o_proj; o_proj output is added to the residual.
 

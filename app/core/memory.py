@@ -243,6 +243,8 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         for name in ("forward", "backward_top", "backward_bottom"):
             # bnb MatMul4Bit dequantizes the whole weight to bf16 for the matmul (and again in backward).
             phases[name]["qlora_dequant_workspace"] = dequant_bytes
+    if dtypes.autocast and setup.method != "qlora":
+        _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
     best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
 
     breakdown: dict[str, int] = {"cuda_context": cuda_context_bytes(), "weights": weights}
@@ -307,3 +309,33 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         warnings=tuple(warnings),
         assumptions=tuple(assumptions),
     )
+
+
+def _autocast_copies(
+    arch: Architecture, setup: TrainingSetup, phases: dict[str, dict[str, int]], shard: int
+) -> None:
+    """16-bit copies of fp32 weights that torch.autocast makes for every matmul.
+
+    Autocast caches the cast of a leaf tensor that requires grad until the autocast region exits
+    (aten/src/ATen/autocast_mode.cpp `cached_cast`); a frozen weight is cast anew at each use.  Either
+    way `linear` saves the 16-bit weight for the input's gradient, so without checkpointing every
+    layer's copies live until its backward; with checkpointing only the lm_head's copy is saved (the
+    layers recompute theirs one at a time), but full fine-tuning still holds the whole cache at the
+    end of the forward.
+    """
+    lin = sum(x.weight_numel * x.layers for x in arch.linears)
+    layer_max = max(sum(x.weight_numel for x in arch.linears) // 1, 1)
+    head = arch.vocab_size * arch.hidden_size * 2 // shard
+    all_layers = 2 * lin // shard
+    one_layer = 2 * layer_max // shard
+    full = setup.method == "full"
+    if setup.gradient_checkpointing:
+        phases["forward"]["autocast_weight_copies"] = head + (all_layers if full else one_layer)
+        phases["backward_loss"]["autocast_weight_copies"] = head
+        phases["backward_top"]["autocast_weight_copies"] = head + one_layer
+        phases["backward_bottom"]["autocast_weight_copies"] = one_layer
+    else:
+        phases["forward"]["autocast_weight_copies"] = head + all_layers
+        phases["backward_loss"]["autocast_weight_copies"] = head + all_layers
+        phases["backward_top"]["autocast_weight_copies"] = head + all_layers
+        phases["backward_bottom"]["autocast_weight_copies"] = one_layer
