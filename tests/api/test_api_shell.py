@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.version import VERSION
 
+JSON = "application/json"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -24,7 +25,9 @@ def test_healthz_reports_the_database_and_catalog(any_db_client: TestClient) -> 
     assert body["catalog_updated"] and body["catalog_updated"][:2] == "20"
 
 
-def test_healthz_is_503_on_an_unmigrated_database(sqlite_url: str, make_client: Callable[..., TestClient]) -> None:
+def test_healthz_is_503_on_an_unmigrated_database(
+    sqlite_url: str, make_client: Callable[..., TestClient]
+) -> None:
     """An empty, never-migrated database is not ready: 503, JSON, still with a request id."""
     r = make_client(sqlite_url).get("/healthz")
     assert r.status_code == 503
@@ -68,7 +71,8 @@ def test_request_id_generated_echoed_or_replaced(client: TestClient) -> None:
     generated = client.get("/healthz").headers["x-request-id"]
     assert HEX_ID.match(generated)
     assert client.get("/healthz").headers["x-request-id"] != generated
-    assert client.get("/healthz", headers={"X-Request-ID": "abc-123.X:y"}).headers["x-request-id"] == "abc-123.X:y"
+    echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123.X:y"})
+    assert echoed.headers["x-request-id"] == "abc-123.X:y"
     forged = client.get("/healthz", headers={"X-Request-ID": 'a" b\tc' + "x" * 300})
     assert HEX_ID.match(forged.headers["x-request-id"])
 
@@ -80,7 +84,7 @@ def test_request_id_generated_echoed_or_replaced(client: TestClient) -> None:
         ("GET", "/api/gpus", {}, 200),
         ("GET", "/api/estimate?model=no-such-model", {}, 404),
         ("POST", "/api/estimate", {"json": {"model": "llama-3.1-8b", "batch_size": 0}}, 422),
-        ("POST", "/api/estimate", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+        ("POST", "/api/estimate", {"content": b"{not json", "headers": {"content-type": JSON}}, 422),
         ("GET", "/no/such/page", {}, 404),
         ("DELETE", "/api/estimate", {}, 405),
         ("POST", "/api/estimate", {"content": b"x" * 300_000}, 413),
