@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from apihelp import prepare_database
@@ -23,7 +24,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
     """Build clients on new apps (settings overridable per test); all closed afterwards."""
     clients: list[TestClient] = []
 
-    def make(url: str, **settings: object) -> TestClient:
+    def make(url: str, **settings: Any) -> TestClient:
         client = TestClient(create_app(Settings(database_url=url, **settings)), raise_server_exceptions=False)
         clients.append(client)
         return client
