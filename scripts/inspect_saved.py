@@ -19,25 +19,74 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.core.activations import layer_activations, lora_target_names  # noqa: E402
-from app.core.architecture import parse_config  # noqa: E402
-from app.core.setup import TrainingSetup  # noqa: E402
+from app.core.activations import layer_activations, lora_target_names
+from app.core.architecture import parse_config
+from app.core.setup import TrainingSetup
 
 TINY: dict[str, dict[str, Any]] = {
-    "llama": dict(model_type="llama", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
-    "qwen3": dict(model_type="qwen3", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=48, vocab_size=1000, tie_word_embeddings=False),
-    "gemma2": dict(model_type="gemma2", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                   num_key_value_heads=2, head_dim=48, vocab_size=1000),
-    "gemma3_text": dict(model_type="gemma3_text", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                        num_key_value_heads=2, head_dim=48, vocab_size=1000),
-    "phi3": dict(model_type="phi3", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=1000, pad_token_id=0),
-    "mistral": dict(model_type="mistral", hidden_size=256, intermediate_size=704, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=1000),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    ),
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=48,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    ),
+    "gemma2": dict(
+        model_type="gemma2",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=48,
+        vocab_size=1000,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=48,
+        vocab_size=1000,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        pad_token_id=0,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),
 }
 
 SETUPS = [
@@ -63,8 +112,13 @@ def saved_bytes(cfg: dict[str, Any], layers: int, setup: dict[str, Any], batch: 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(conf, dtype=DTYPES[setup["precision"]])
     model.config.use_cache = False
-    spec = RunSpec(model=None, model_config=cfg, model_config_source="inline", gradient_checkpointing=False,
-                   **{k: v for k, v in setup.items()})
+    spec = RunSpec(
+        model=None,
+        model_config=cfg,
+        model_config_source="inline",
+        gradient_checkpointing=False,
+        **{k: v for k, v in setup.items()},
+    )
     model = apply_training_setup(model, spec, {})
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -76,8 +130,11 @@ def saved_bytes(cfg: dict[str, Any], layers: int, setup: dict[str, Any], batch: 
         return t
 
     x = torch.randint(0, cfg["vocab_size"], (batch, seq))
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if setup["precision"] == "amp_bf16"
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if setup["precision"] == "amp_bf16"
+        else contextlib.nullcontext()
+    )
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
         model(input_ids=x, labels=x)
     return sum(seen.values())
@@ -100,12 +157,17 @@ def main(families: list[str]) -> None:
             setup = TrainingSetup(**s)  # type: ignore[arg-type]
             targets = lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
             la = layer_activations(arch, setup, targets)
-            core = la.saved + (la.attn_scores_saved * arch.num_heads * seq if setup.attention == "eager" else 0)
+            core = la.saved + (
+                la.attn_scores_saved * arch.num_heads * seq if setup.attention == "eager" else 0
+            )
             if setup.precision.startswith("amp"):
                 # autocast's 16-bit weight copies are saved by each linear (weight-sized, not per token)
                 copies = sum(lin.weight_numel for lin in arch.linears)
-                copies += sum(setup.lora_rank * (lin.in_features + lin.out_features)
-                              for lin in arch.linears if lin.name in targets)
+                copies += sum(
+                    setup.lora_rank * (lin.in_features + lin.out_features)
+                    for lin in arch.linears
+                    if lin.name in targets
+                )
                 core += 2 * copies / tokens
             label = ",".join(f"{v if not isinstance(v, tuple) else '+'.join(v)}" for v in s.values())
             print(f"{fam:12} {label:44} {measured:9.0f} {core:9.0f} {core / measured - 1:+7.1%}")

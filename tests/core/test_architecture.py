@@ -36,7 +36,11 @@ def test_params_total_matches_official(slug: str, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("slug", "active"),
-    [("mixtral-8x7b-v0.1", 12_879_925_248), ("qwen3-30b-a3b", 3_353_032_704), ("llama-3.1-8b", 8_030_261_248)],
+    [
+        ("mixtral-8x7b-v0.1", 12_879_925_248),
+        ("qwen3-30b-a3b", 3_353_032_704),
+        ("llama-3.1-8b", 8_030_261_248),
+    ],
 )
 def test_active_params_per_token(slug: str, active: int) -> None:
     assert arch(slug).params_active_per_token == active
@@ -60,14 +64,28 @@ def test_attention_widths_and_tying(slug: str, q_width: int, kv_width: int, tied
 
 def test_linear_modules_per_family() -> None:
     assert [m.name for m in linear_modules(arch("llama-3.1-8b"))] == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ]
     assert [m.name for m in linear_modules(arch("phi-3-mini-4k-instruct"))] == [
-        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
     ]
     # transformers 5 stores MoE experts as fused 3D parameters and the router as a parameter:
     # only the attention projections are nn.Linear (LoRA targets, bitsandbytes-quantized).
-    assert [m.name for m in linear_modules(arch("mixtral-8x7b-v0.1"))] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert [m.name for m in linear_modules(arch("mixtral-8x7b-v0.1"))] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
     qkv = {m.name: m for m in linear_modules(arch("qwen2.5-7b"))}
     assert qkv["q_proj"].bias and not qkv["o_proj"].bias
     assert (qkv["k_proj"].in_features, qkv["k_proj"].out_features) == (3584, 512)
@@ -86,12 +104,22 @@ def test_multimodal_config_reads_text_model() -> None:
         {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32},  # no intermediate_size
         {"hidden_size": 0, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8},
         {"hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 8},
-        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 3,
-         "intermediate_size": 8},
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 3,
+            "intermediate_size": 8,
+        },
         {"hidden_size": 64, "num_hidden_layers": 10**9, "num_attention_heads": 8, "intermediate_size": 8},
         {"hidden_size": "big", "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 8},
-        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 8,
-         "vocab_size": -5},
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "intermediate_size": 8,
+            "vocab_size": -5,
+        },
     ],
 )
 def test_bad_configs_blame_model_config(bad: object) -> None:

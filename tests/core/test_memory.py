@@ -75,8 +75,9 @@ def test_mechanism_directions() -> None:
     assert peak(m, method="lora", batch_size=8) > peak(m, method="lora", batch_size=2)
     assert peak(m, method="full", precision="amp_bf16") > peak(m, method="full", precision="bf16")
     assert peak(m, method="full", optimizer="adamw_8bit") < peak(m, method="full")
-    assert peak(m, method="full", num_gpus=8, parallelism="zero3") < peak(m, method="full", num_gpus=8,
-                                                                          parallelism="zero2")
+    assert peak(m, method="full", num_gpus=8, parallelism="zero3") < peak(
+        m, method="full", num_gpus=8, parallelism="zero2"
+    )
     assert peak(m, method="qlora", double_quant=True) < peak(m, method="qlora", double_quant=False)
 
 

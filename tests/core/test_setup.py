@@ -38,8 +38,18 @@ def test_invalid_setup(kwargs: dict[str, Any], field: str) -> None:
 def test_defaults_follow_the_contract() -> None:
     s = TrainingSetup("lora")
     assert (s.precision, s.optimizer, s.batch_size, s.seq_len, s.gradient_checkpointing, s.attention) == (
-        "bf16", "adamw", 1, 2048, True, "sdpa"
+        "bf16",
+        "adamw",
+        1,
+        2048,
+        True,
+        "sdpa",
     )
     assert (s.lora_rank, s.lora_alpha, s.lora_targets, s.double_quant, s.num_gpus, s.parallelism) == (
-        16, 32, ("q_proj", "v_proj"), True, 1, "ddp"
+        16,
+        32,
+        ("q_proj", "v_proj"),
+        True,
+        1,
+        "ddp",
     )
