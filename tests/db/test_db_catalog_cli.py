@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbhelp import DATA_DIR
 
 from app.cli import main
 from app.config import get_settings
@@ -21,12 +22,17 @@ def cli_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     get_settings.cache_clear()
 
 
+def _rows(name: str) -> int:
+    return len((DATA_DIR / name).read_text().splitlines()) - 1  # minus the header
+
+
 def test_load_twice_then_list(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["catalog", "load"]) == 0
     first = capsys.readouterr().out
-    assert "gpus: 35 inserted" in first and "models: 38 inserted" in first
+    assert f"gpus: {_rows('gpus.csv')} inserted" in first
+    assert f"models: {_rows('models.csv')} inserted" in first
     assert main(["catalog", "load"]) == 0
-    assert "prices: 0 inserted, 0 updated, 75 unchanged" in capsys.readouterr().out
+    assert f"prices: 0 inserted, 0 updated, {_rows('prices.csv')} unchanged" in capsys.readouterr().out
     assert main(["catalog", "list", "models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {"llama-3.1-70b", "qwen3-30b-a3b"} <= {m["slug"] for m in listed["models"]}

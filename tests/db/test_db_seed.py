@@ -117,10 +117,10 @@ def test_latest_prices_and_history(seeded: Callable[[], Session]) -> None:
     h100 = listing["h100-sxm"]
     keys = [(p.provider, p.kind) for p in h100.latest_prices]
     assert len(keys) == len(set(keys))  # one latest row per provider and kind
-    aws_od = [p for p in h100.history if (p.provider, p.kind) == ("aws", "on_demand")]
-    assert len(aws_od) == 2  # the 2023 list price and the 2026 price: history is kept
+    aws_od = [p.observed_on.isoformat() for p in h100.history if (p.provider, p.kind) == ("aws", "on_demand")]
+    assert aws_od == ["2026-09-17", "2026-03-01", "2023-07-27"]  # newest first: history is kept
     latest_aws = next(p for p in h100.latest_prices if (p.provider, p.kind) == ("aws", "on_demand"))
-    assert latest_aws.usd_per_gpu_hour == 3.90
+    assert latest_aws.usd_per_gpu_hour == 6.88 and latest_aws.observed_on.isoformat() == "2026-09-17"
     prices = [p.usd_per_gpu_hour for p in h100.latest_prices]
     assert prices == sorted(prices)
 
@@ -152,6 +152,7 @@ def test_refresh_updates_facts_and_appends_prices(seeded: Callable[[], Session],
 
 
 def test_a_bad_seed_file_changes_nothing(new_session: Callable[[], Session], data_copy: Path) -> None:
+    bad_line = len((data_copy / "prices.csv").read_text().splitlines()) + 1
     with open(data_copy / "prices.csv", "a") as f:
         f.write("rtx-4090,runpod,spot,free,2026-08-01,https://example.org/x,\n")
     with new_session() as s:
@@ -160,4 +161,4 @@ def test_a_bad_seed_file_changes_nothing(new_session: Callable[[], Session], dat
         s.commit()
         assert set(counts(s).values()) == {0}
     issue = err.value.reports["prices"].errors[0]
-    assert issue.line == 77 and "usd_per_gpu_hour" in issue.message
+    assert issue.line == bad_line and "usd_per_gpu_hour" in issue.message
