@@ -154,10 +154,10 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     weights = _reserved(weight_groups)
     adapters = _reserved(trainable_groups) if setup.method != "full" else 0
     grads = _reserved(trainable_groups)
-    opt = optimizer_bytes(setup.optimizer, ((r * c, grad_size, k) for r, c, k in trainable_shapes))
-    states = sum(segment_bytes(b) for b in opt.state_tensors)
+    opt = optimizer_bytes(setup.optimizer, ((r, c, grad_size, k) for r, c, k in trainable_shapes))
+    states = _reserved(list(opt.state_groups))
     managed = opt.managed_bytes
-    step_temp = sum(segment_bytes(b) for b in opt.step_temp_tensors)
+    step_temp = _reserved(list(opt.step_temp_groups))
     if shard_params:
         weights //= n
         adapters //= n

@@ -12,54 +12,62 @@ from app.core.quant import bnb8_state_tensors
 BNB_PAGED_MIN_NUMEL = 100_000
 
 
+# (bytes of one tensor, how many such tensors)
+Group = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class OptimizerBytes:
-    """State tensor sizes (allocator-visible and managed) and the largest step temporary."""
+    """State tensors (allocator-visible, as groups), managed bytes, and the step's temporaries."""
 
-    state_tensors: tuple[int, ...]
+    state_groups: tuple[Group, ...]
     managed_bytes: int
-    step_temp_tensors: tuple[int, ...]
+    step_temp_groups: tuple[Group, ...]
 
 
-def optimizer_bytes(optimizer: str, params: Iterable[tuple[int, int, int]]) -> OptimizerBytes:
-    """States for trainable tensors given as (numel, bytes per element, count) triples."""
-    states: list[int] = []
-    temps: list[int] = []
+def optimizer_bytes(optimizer: str, params: Iterable[tuple[int, int, int, int]]) -> OptimizerBytes:
+    """States for trainable tensors given as (rows, cols, bytes per element, count)."""
+    states: list[Group] = []
+    temps: list[Group] = []
     managed = 0
-    for numel, esize, count in params:
+    largest = 0
+    for rows, cols, esize, count in params:
+        numel = rows * cols
         nbytes = numel * esize
         if optimizer == "adamw":
             # torch.optim.AdamW: exp_avg and exp_avg_sq are zeros_like(param) (param dtype).  The default
             # foreach path (`_multi_tensor_adam`) allocates `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`:
             # one temporary per parameter, for all parameters of a device/dtype group at once.
-            states.extend([nbytes, nbytes] * count)
-            temps.extend([nbytes] * count)
+            states.append((nbytes, 2 * count))
+            temps.append((nbytes, count))
         elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
             sizes = bnb8_state_tensors(numel)
             paged = optimizer == "paged_adamw_8bit" and numel >= BNB_PAGED_MIN_NUMEL
             if paged:
                 # state1/state2 go to managed memory; absmax buffers stay ordinary CUDA tensors.
                 managed += (sizes[0] + sizes[1]) * count
-                states.extend(list(sizes[2:]) * count)
+                states.extend((b, count) for b in sizes[2:])
             else:
-                states.extend(list(sizes) * count)
+                states.extend((b, count) for b in sizes)
         elif optimizer == "sgd":
-            # torch.optim.SGD defaults to momentum=0: no state, and the foreach update is in place.
-            pass
+            # The harness builds torch.optim.SGD(momentum=0.9): one momentum buffer per parameter
+            # (`torch.clone(grad)` on the first step), updated in place by the foreach path.
+            states.append((nbytes, count))
         elif optimizer == "adafactor":
-            states.extend(_adafactor_states(numel, esize) * count)
-            # torch.optim.Adafactor `_multi_tensor_adafactor` squares all grads at once (`_foreach_mul`).
-            temps.extend([nbytes] * count)
+            states.extend((b, count) for b in _adafactor_states(rows, cols, esize))
+            # torch.optim.Adafactor defaults to the single-tensor loop (foreach=None means off, see its
+            # docstring): one full-size `row_var @ col_var` estimate alive at a time.
+            largest = max(largest, nbytes)
         else:  # pragma: no cover - setup validation rejects other names
             raise ValueError(optimizer)
+    if largest:
+        temps.append((largest, 1))
     return OptimizerBytes(tuple(states), managed, tuple(temps))
 
 
-def _adafactor_states(numel: int, esize: int) -> list[int]:
-    # torch.optim.Adafactor keeps a factored second moment for matrices (row and column vectors)
-    # and a full one for vectors; we cannot see the matrix shape from numel alone, so the caller's
-    # LoRA/linear tensors are treated as matrices of sqrt-balanced shape (a small term either way).
-    if numel < 4096:
-        return [numel * esize]
-    side = int(numel**0.5)
-    return [side * esize, side * esize]
+def _adafactor_states(rows: int, cols: int, esize: int) -> list[int]:
+    # torch.optim.Adafactor (torch/optim/_adafactor.py `_init_group`): a matrix keeps a factored
+    # second moment, row_var (rows x 1) and col_var (1 x cols); a vector keeps a full variance.
+    if cols == 1:
+        return [rows * esize]
+    return [rows * esize, cols * esize]
