@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -67,7 +68,8 @@ class Interconnect:
 # NCCL all-reduce "bus bandwidth" reached in practice, per direction, below the link's nominal rate:
 # NVLink3 (A100 SXM) 600 GB/s bidirectional = 300 GB/s per direction; NVLink4 (H100/H200 SXM)
 # 900 GB/s = 450 per direction; NVLink5 (B200) 1.8 TB/s = 900; MI300X Infinity Fabric 7x64 GB/s = 448.
-# V100 NVLink2 300 GB/s = 150 per direction. PCIe 4.0 x16 is 32 GB/s per direction, PCIe 5.0 64 GB/s. We take 80% of nominal, the efficiency
+# V100 NVLink2 300 GB/s = 150 per direction. PCIe 4.0 x16 is 32 GB/s per direction, PCIe 5.0 64 GB/s.
+# We take 80% of nominal, the efficiency
 # nccl-tests typically report on healthy systems. GeForce RTX 40/50 cards have no peer-to-peer over
 # PCIe, so NCCL stages through host memory: we take half the PCIe rate for them.
 _NCCL_EFFICIENCY = 0.8
@@ -99,8 +101,9 @@ def interconnect_of(gpu: GpuSpec, num_gpus: int = 2) -> Interconnect:
             f"PCIe {'5.0' if gen5 else '4.0'} x16 without peer-to-peer (staged through host memory)",
             lane * _NCCL_EFFICIENCY / 2,
         )
-    return Interconnect(f"PCIe {'5.0' if gen5 else '4.0'} x16 ({lane / 1e9:.0f} GB/s per direction)",
-                        lane * _NCCL_EFFICIENCY)
+    return Interconnect(
+        f"PCIe {'5.0' if gen5 else '4.0'} x16 ({lane / 1e9:.0f} GB/s per direction)", lane * _NCCL_EFFICIENCY
+    )
 
 
 @dataclass(frozen=True)
@@ -131,23 +134,22 @@ class BudgetTier:
     example_builds: tuple[str, ...]
     good_for: str
     gpu_slugs: tuple[str, ...]
+    kind: str = "buy"  # "buy": hardware you own; "rent": the article's "use cloud spot" advice
 
     def contains(self, usd: float) -> bool:
         """Whether a budget in USD falls inside this tier."""
         return usd >= self.usd_min and (self.usd_max is None or usd <= self.usd_max)
 
 
-def tier_for_budget(tiers: tuple[BudgetTier, ...] | list[BudgetTier], usd: float) -> BudgetTier | None:
-    """The richest tier a budget reaches (None when it is below every tier)."""
-    reachable = [t for t in tiers if t.usd_min <= usd]
+def tier_for_budget(tiers: Iterable[BudgetTier], usd: float) -> BudgetTier | None:
+    """The richest hardware (buy) tier a budget reaches (None when it is below every tier)."""
+    reachable = [t for t in tiers if t.kind == "buy" and t.usd_min <= usd]
     return max(reachable, key=lambda t: t.usd_min) if reachable else None
 
 
-def gpus_for_budget(
-    tiers: tuple[BudgetTier, ...] | list[BudgetTier], usd: float
-) -> tuple[str, ...]:
+def gpus_for_budget(tiers: Iterable[BudgetTier], usd: float) -> tuple[str, ...]:
     """Every GPU slug that the tiers a budget reaches can buy, cheapest tier first, no duplicates."""
     slugs: list[str] = []
-    for tier in sorted((t for t in tiers if t.usd_min <= usd), key=lambda t: t.usd_min):
+    for tier in sorted((t for t in tiers if t.kind == "buy" and t.usd_min <= usd), key=lambda t: t.usd_min):
         slugs.extend(s for s in tier.gpu_slugs if s not in slugs)
     return tuple(slugs)

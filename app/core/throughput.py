@@ -1,0 +1,396 @@
+"""Training tokens/s for a model, method and settings on a GPU setup: FLOPs, bytes and host time per step.
+
+One micro-step (batch x seq tokens per GPU) is modelled from mechanisms, then timed against the GPU:
+- GEMMs per pass (forward; recompute under gradient checkpointing; backward activation grads; weight
+  grads for full fine-tuning only, since LoRA's frozen base needs none) with a roofline per pass:
+  max(FLOPs / matmul rate, weight bytes / bandwidth), so small batches become weight-bandwidth bound;
+- attention's sequence-dependent FLOPs (causal kernels skip half the score matrix; eager does not);
+- memory traffic of elementwise work (norms, RoPE, SwiGLU, residuals, logits/loss, LoRA casts),
+  QLoRA's dequantization of every NF4 weight per pass, and the optimizer step;
+- host time: PyTorch eager dispatches every kernel from Python; the GPU runs asynchronously, so a
+  step takes max(GPU time, host time): small models and batches are launch-bound.
+Reference stack (design.md): plain PyTorch loop, transformers/peft/bitsandbytes as on the H200.
+The efficiency constants in CALIBRATION are fitted on the H200 runs of data/calibration/ (see
+scripts/fit_throughput.py); other GPUs are scaled by their tensor rate and bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.core.activations import dtypes_for, lora_target_names
+from app.core.architecture import Architecture
+from app.core.gpu import GpuSpec, interconnect_of
+from app.core.setup import TrainingSetup
+
+CALIBRATION_GPU = "h200"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Efficiency constants of the reference stack, fitted on measured runs of one GPU."""
+
+    matmul_eff: float  # share of the measured square-matmul peak that training GEMMs reach
+    attn_eff: float  # share of the 16-bit tensor peak SDPA's fused attention kernels reach
+    fp32_eff: float  # share of the fp32 (CUDA-core) peak fp32 GEMMs reach
+    bandwidth_eff: float  # share of the spec bandwidth streaming kernels reach
+    host_s_per_kernel: float  # host (Python + dispatcher + launch) time per kernel in eager mode
+    fitted_on: str  # which runs fixed these numbers
+
+
+# Fitted by scripts/fit_throughput.py on data/calibration/h200-*.jsonl (run ids listed in fitted_on).
+CALIBRATION = Calibration(
+    matmul_eff=0.80,
+    attn_eff=0.45,
+    fp32_eff=0.80,
+    bandwidth_eff=0.80,
+    host_s_per_kernel=9e-6,
+    fitted_on="priors before calibration: matmul 80% of measured peak, SDPA 45% of spec, 9 us/kernel",
+)
+
+# Datacenter cards reach ~80% of their spec in square bf16 matmuls (measured: H100 SXM 784-798 of 989,
+# H200 790 of 989, A100 SXM 264.5 of 312, L40S 269 of 362; zzc0721/torch-performance-test-data);
+# GeForce cards boost above their rated clocks and reach about 100% (RTX 4090 160-173 of 165).
+_SPEC_TO_MEASURED = {True: 1.0, False: 0.8}
+
+# Non-tensor fp32 rate as a fraction of the dense 16-bit tensor rate, by chip class (vendor spec
+# sheets): GA100 19.5/312, GH100 67/989, B200 80/2250, GA102/AD10x pro & datacenter (A10, L4, L40S,
+# RTX A/Ada) 1/4, GeForce 1/2 (its tensor rate with fp32 accumulate is exactly 2x fp32), Volta/Turing
+# 15.7/125 and 8.1/65, CDNA3 163.4/1307. Apple GPUs have no separate tensor rate.
+_FP32_SHARE = (
+    ("ga100", 1 / 16),
+    ("a100", 1 / 16),
+    ("gh100", 1 / 14.8),
+    ("hopper", 1 / 14.8),
+    ("b200", 1 / 28),
+    ("volta", 1 / 8),
+    ("turing", 1 / 8),
+    ("cdna", 1 / 8),
+    ("apple", 1.0),
+)
+
+# Kernels one decoder layer launches in its forward (transformers 5 Llama-style layer: 2 RMSNorms of
+# ~7 ops, RoPE ~12 ops, SDPA, 3 residual/SwiGLU ops, reshapes that launch copies): counted from the
+# modeling code; per projection 1 GEMM (+bias); QLoRA's Linear4bit adds dequantize + 2 casts; a peft
+# LoRA wrapper adds cast, lora_A, lora_B, scale, add, cast. Backward launches about twice the forward.
+_KERNELS_PER_LAYER = 36
+_KERNELS_PER_QLORA_LINEAR = 3
+_KERNELS_PER_LORA_ADAPTER = 6
+_KERNELS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll and their grads
+_BACKWARD_KERNEL_FACTOR = 2.0
+
+# Elementwise bytes per token per layer per pass, in units of (hidden + intermediate) x element size:
+# RMSNorm reads/writes ~3 hidden-wide tensors each (x2), RoPE ~4 q/k-wide, residual adds 3, SwiGLU
+# act*up reads 2 and writes 1 intermediate-wide, casts ~2 more: about 10 passes over h + i in total.
+_ELEMENTWISE_PASSES = 10
+# Logits/loss per token: bf16 logits written (2), `.float()` (read 2 + write 4), log_softmax (read 4,
+# write 4), its backward (read 4 + 4, write 4) and the cast to the lm_head's dtype (read 4, write 2).
+_LOGITS_BYTES_PER_VOCAB = 38
+# NF4 dequantization per weight per pass: read 0.5 B of codes (+absmax), write 2 B of bf16.
+_DEQUANT_BYTES_PER_PARAM = 2.53
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Training speed of a whole setup (all GPUs) and where the time of one micro-step goes."""
+
+    gpu_slug: str
+    num_gpus: int
+    tokens_per_s: float  # whole setup
+    step_s: float  # one micro-step (batch x seq tokens on every GPU)
+    flops_per_token: float  # executed, recomputation included
+    model_flops_per_token: float  # 6N-style useful work (no recomputation)
+    mfu: float  # model FLOPs / (time x spec dense tensor rate)
+    bound: str  # "compute" | "memory" | "host" | "communication"
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    scaled_from: str | None = None  # None on the calibration GPU itself
+    assumptions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Work:
+    """GPU-independent work of one micro-step on one GPU."""
+
+    tokens: int
+    gemm_flops: tuple[tuple[float, float], ...]  # (16-bit FLOPs, weight bytes) per pass
+    fp32_flops: float
+    attn_flops: float
+    attn_fp32: bool
+    stream_bytes: float  # elementwise + logits + casts + dequantization
+    opt_bytes: float  # optimizer step, per optimizer step
+    kernels: float
+    comm_bytes: float  # per micro-step, over the interconnect
+    comm_per_optimizer_step: bool
+    model_flops: float  # per token
+
+
+def fp32_tflops(gpu: GpuSpec) -> float:
+    """The GPU's non-tensor fp32 rate (derived from its 16-bit tensor rate by chip class)."""
+    text = f"{gpu.architecture} {gpu.slug} {gpu.platform}".lower()
+    for key, share in _FP32_SHARE:
+        if key in text:
+            return gpu.tensor_tflops * share
+    return gpu.tensor_tflops * (0.5 if gpu.consumer else 0.25)
+
+
+def matmul_tflops(gpu: GpuSpec) -> float:
+    """The 16-bit GEMM rate to scale from: measured square-matmul peak, else spec x typical share."""
+    if gpu.measured_bf16_tflops and gpu.bf16_supported:
+        return gpu.measured_bf16_tflops
+    return gpu.tensor_tflops * _SPEC_TO_MEASURED[gpu.consumer]
+
+
+def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int) -> _Work:
+    """FLOPs, bytes and kernels of one micro-step on one GPU, from the architecture and the setup."""
+    s, b = setup.seq_len, setup.batch_size
+    t = s * b
+    d = dtypes_for(setup)
+    full, qlora, gc = setup.method == "full", setup.method == "qlora", setup.gradient_checkpointing
+    h, v, layers = arch.hidden_size, arch.vocab_size, arch.num_layers
+    targets = lora_target_names(arch, setup.lora_targets) if not full else frozenset()
+    r = setup.lora_rank
+
+    lin = sum(x.layers * x.weight_numel for x in arch.linears)
+    experts_active = arch.num_moe_layers * arch.experts_per_token * 3 * h * arch.moe_intermediate_size
+    experts_all = arch.expert_params
+    router = arch.router_params
+    layer_flops = 2.0 * (lin + experts_active + router)  # forward, per token
+    head = 2.0 * h * v
+    adapter = sum(x.layers * r * (x.in_features + x.out_features) for x in arch.linears if x.name in targets)
+
+    # Bytes of the weights a GEMM pass reads: NF4 weights are dequantized to bf16 first (counted in
+    # stream_bytes) and the GEMM reads the bf16 copy; fp32 masters under autocast are cast likewise.
+    w_elem = 4 if setup.precision == "fp32" else 2
+    layer_w = (lin + experts_all + router) * w_elem
+    head_fp32 = qlora or setup.precision == "fp32"  # peft casts QLoRA's lm_head to fp32
+    head_w = h * v * (4 if head_fp32 else w_elem)
+
+    fwd, recompute, bwd_act, bwd_w = layer_flops * t, layer_flops * t if gc else 0.0, layer_flops * t, 0.0
+    if full:
+        bwd_w = layer_flops * t
+    fp32_flops = 0.0
+    if head_fp32:
+        fp32_flops = head * t * (3 if full else 2)
+        if setup.precision == "fp32":
+            fp32_flops += fwd + recompute + bwd_act + bwd_w
+            fwd = recompute = bwd_act = bwd_w = 0.0
+    else:
+        fwd += head * t
+        bwd_act += head * t
+        bwd_w += head * t if full else 0.0
+    passes = [(fwd, layer_w + (0 if head_fp32 else head_w)), (bwd_act, layer_w)]
+    if gc:
+        passes.append((recompute, layer_w))
+    if full:
+        passes.append((bwd_w, layer_w))
+    # LoRA adapters run in fp32 (peft's autocast_adapter_dtype): forward, recompute, and backward's
+    # activation and weight grads; small GEMMs, counted at the fp32 rate.
+    fp32_flops += 2.0 * adapter * t * (3 + (1 if gc else 0))
+
+    # Attention scores: QK^T and PV, 2 FLOPs per MAC; causal kernels (flash / memory-efficient SDPA)
+    # skip the upper triangle, eager computes the full matrix. Backward is 2x forward (dQ, dK, dV, dP),
+    # 2.5x for the fused kernels, which recompute P.
+    causal = setup.attention != "eager"
+    keys = (s + 1) / 2 if causal else s
+    if arch.sliding_window and causal and s > arch.sliding_window:
+        keys = min(keys, float(arch.sliding_window))
+    attn_fwd = 4.0 * layers * arch.q_width * keys * t
+    attn = attn_fwd * ((1 if gc else 0) + 1 + (2.5 if causal else 2.0))
+
+    n_pass = 3 + (1 if gc else 0)  # forward, backward (counted twice: reads and writes), recompute
+    act = d.residual
+    stream = float(_ELEMENTWISE_PASSES * layers * (h + arch.intermediate_size) * act * t * n_pass)
+    stream += _LOGITS_BYTES_PER_VOCAB * v * t
+    for x in arch.linears:
+        if x.name in targets:  # peft casts x to fp32 and the fp32 result back, per adapter and pass
+            stream += x.layers * (x.in_features * (act + 4) + x.out_features * 12) * t * n_pass
+    if setup.attention == "eager":
+        # fp32 softmax over materialized scores: write, read, write, cast; backward twice that.
+        stream += 16.0 * 3 * layers * arch.num_heads * s * t
+    quant = lin + experts_all
+    if qlora:
+        stream += _DEQUANT_BYTES_PER_PARAM * quant * (2 + (1 if gc else 0))
+    if d.autocast:  # fp32 master weights cast to 16-bit per forward (and recompute): read 4, write 2
+        stream += 6.0 * (lin + experts_all + h * v) * (1 + (1 if gc else 0))
+
+    trainable = arch.params_total if full else adapter
+    p_elem = 4 if (not full or setup.precision in ("fp32", "amp_bf16", "amp_fp16")) else 2
+    opt_bytes = trainable * _optimizer_bytes(setup.optimizer, p_elem)
+
+    shards = setup.num_gpus if setup.parallelism in ("fsdp", "zero3") else 1
+    opt_bytes /= shards if setup.parallelism in ("fsdp", "zero2", "zero3") and full else 1
+    comm, per_opt = _comm_bytes(arch, setup, trainable, p_elem)
+
+    n_lin = len(arch.linears)
+    per_layer = _KERNELS_PER_LAYER + n_lin + len(targets) * _KERNELS_PER_LORA_ADAPTER
+    if qlora:
+        per_layer += n_lin * _KERNELS_PER_QLORA_LINEAR
+    fwd_kernels = per_layer * layers
+    kernels = fwd_kernels * ((1 if gc else 0) + 1 + _BACKWARD_KERNEL_FACTOR) + _KERNELS_HEAD_AND_LOSS
+    opt_kernels = 20.0  # foreach optimizers: a few dozen launches per step over tensor lists
+    kernels += opt_kernels / grad_accum
+
+    model_flops = (6.0 if full else 4.0) * (lin + experts_active + router + h * v) + attn_fwd / t * (
+        3.5 if causal else 3.0
+    )
+    if not full:
+        model_flops += 6.0 * adapter
+    return _Work(
+        tokens=t,
+        gemm_flops=tuple(passes),
+        fp32_flops=fp32_flops,
+        attn_flops=attn,
+        attn_fp32=d.attn == 4,
+        stream_bytes=stream,
+        opt_bytes=opt_bytes,
+        kernels=kernels,
+        comm_bytes=comm,
+        comm_per_optimizer_step=per_opt,
+        model_flops=model_flops,
+    )
+
+
+def _optimizer_bytes(optimizer: str, p_elem: int) -> float:
+    """HBM traffic per trainable parameter of one optimizer step."""
+    if optimizer == "adamw":
+        # torch foreach AdamW: reads param, grad, exp_avg, exp_avg_sq, writes three of them, and its
+        # _foreach_* chain (lerp, mul, addcmul, sqrt, div, addcdiv) passes over temporaries: ~12x.
+        return 12.0 * p_elem
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # bitsandbytes fused 8-bit kernel: param r/w, grad r, two uint8 states r/w.
+        return 3.0 * p_elem + 4.0
+    if optimizer == "sgd":
+        return 3.0 * p_elem  # momentum 0: read param and grad, write param
+    return 6.0 * p_elem  # adafactor: factored second moment, a few passes over grads and params
+
+
+def _comm_bytes(
+    arch: Architecture, setup: TrainingSetup, trainable: float, p_elem: int
+) -> tuple[float, bool]:
+    """Bytes each GPU sends per micro-step (or per optimizer step for DDP), ring algorithms."""
+    n = setup.num_gpus
+    if n == 1:
+        return 0.0, True
+    ring = (n - 1) / n
+    grad_bytes = trainable * p_elem
+    if setup.parallelism in ("ddp", "zero2"):
+        # all-reduce = reduce-scatter + all-gather: 2 x bytes x (n-1)/n. DDP buckets grads and reduces
+        # once per optimizer step (no_sync during accumulation); ZeRO-2 reduce-scatters every micro-step.
+        return 2.0 * grad_bytes * ring, setup.parallelism == "ddp"
+    # FSDP / ZeRO-3: all-gather the sharded weights for forward and again for backward, reduce-scatter
+    # the grads. QLoRA shards the NF4 storage (0.5 B/param); frozen 16-bit bases gather 2 B/param.
+    if setup.method == "qlora":
+        w_bytes = 0.53 * arch.params_total
+    else:
+        w_bytes = arch.params_total * (4 if setup.precision in ("fp32", "amp_bf16", "amp_fp16") else 2)
+    return 2.0 * w_bytes * ring + grad_bytes * ring, False
+
+
+# Under DDP and FSDP, communication runs on its own stream, overlapping the backward (DDP buckets)
+# and the next layer's compute (FSDP prefetch); we assume half of the compute time can hide it.
+_COMM_OVERLAP = 0.5
+
+
+def estimate_throughput(
+    arch: Architecture,
+    setup: TrainingSetup,
+    gpu: GpuSpec,
+    grad_accum: int = 1,
+    calibration: Calibration = CALIBRATION,
+) -> Throughput:
+    """Tokens/s of `setup.num_gpus` x `gpu` for this model and setup (one micro-step per GPU timed)."""
+    w = _work(arch, setup, grad_accum)
+    c = calibration
+    bf16_ok = gpu.bf16_supported or setup.precision in ("fp16", "amp_fp16", "fp32")
+    mm_rate = matmul_tflops(gpu) * 1e12 * c.matmul_eff
+    attn_rate = gpu.tensor_tflops * 1e12 * c.attn_eff
+    if not bf16_ok:
+        # bf16 on a card without bf16 tensor cores runs emulated: measured T4 2.0-2.5 TFLOPS bf16
+        # against 65 fp16 (zzc0721 DB), ~1/30 of the fp16 rate.
+        mm_rate /= 30.0
+        attn_rate /= 30.0
+    f32_rate = fp32_tflops(gpu) * 1e12 * c.fp32_eff
+    bw = gpu.bandwidth_bytes_per_s * c.bandwidth_eff
+
+    gemm = sum(max(fl / mm_rate, wb / bw) for fl, wb in w.gemm_flops)
+    gemm_memory_bound = sum(wb / bw for fl, wb in w.gemm_flops if wb / bw > fl / mm_rate)
+    fp32 = w.fp32_flops / f32_rate
+    attention = w.attn_flops / (f32_rate if w.attn_fp32 else attn_rate)
+    stream = w.stream_bytes / bw
+    optimizer = w.opt_bytes / bw / grad_accum
+    gpu_s = gemm + fp32 + attention + stream + optimizer
+    host_s = w.kernels * c.host_s_per_kernel
+    compute_s = max(gpu_s, host_s)
+
+    comm_s = 0.0
+    if setup.num_gpus > 1:
+        link = interconnect_of(gpu, setup.num_gpus)
+        comm_s = w.comm_bytes / link.bus_bytes_per_s if link.bus_bytes_per_s > 0 else float("inf")
+        if w.comm_per_optimizer_step:
+            comm_s /= grad_accum
+    exposed = max(0.0, comm_s - _COMM_OVERLAP * compute_s)
+    step_s = compute_s + exposed
+
+    tokens_per_s = w.tokens * setup.num_gpus / step_s if step_s > 0 else 0.0
+    if exposed > 0 and exposed >= compute_s:
+        bound = "communication"
+    elif host_s > gpu_s:
+        bound = "host"
+    elif stream + optimizer + gemm_memory_bound > gpu_s / 2:
+        bound = "memory"
+    else:
+        bound = "compute"
+    breakdown = {
+        "gemm_s": gemm,
+        "fp32_s": fp32,
+        "attention_s": attention,
+        "memory_traffic_s": stream,
+        "optimizer_s": optimizer,
+        "gpu_s": gpu_s,
+        "host_s": host_s,
+        "communication_s": comm_s,
+        "communication_exposed_s": exposed,
+    }
+    mfu = w.model_flops * w.tokens * setup.num_gpus / (step_s * gpu.tensor_tflops * 1e12 * setup.num_gpus)
+    scaled = None if gpu.slug == CALIBRATION_GPU else _scaled_from(gpu)
+    notes = [_assumption(gpu, scaled)]
+    if setup.num_gpus > 1:
+        notes.append(_comm_assumption(gpu, setup))
+    return Throughput(
+        gpu_slug=gpu.slug,
+        num_gpus=setup.num_gpus,
+        tokens_per_s=tokens_per_s,
+        step_s=step_s,
+        flops_per_token=(sum(fl for fl, _ in w.gemm_flops) + w.fp32_flops + w.attn_flops) / w.tokens,
+        model_flops_per_token=w.model_flops,
+        mfu=mfu,
+        bound=bound,
+        breakdown_s=breakdown,
+        scaled_from=scaled,
+        assumptions=tuple(notes),
+    )
+
+
+def _scaled_from(gpu: GpuSpec) -> str:
+    rate = matmul_tflops(gpu)
+    return (
+        f"scaled from the H200 calibration runs by this card's 16-bit matmul rate "
+        f"({rate:.0f} vs the H200's 790 TFLOPS measured) and memory bandwidth "
+        f"({gpu.bandwidth_bytes_per_s / 1e9:,.0f} vs 4,800 GB/s)"
+    )
+
+
+def _assumption(gpu: GpuSpec, scaled: str | None) -> str:
+    if scaled is None:
+        return (
+            "Throughput on the H200 is calibrated on the project's measured H200 runs (plain PyTorch loop)."
+        )
+    return f"Throughput on the {gpu.name} is not measured: it is {scaled}; expect ±25%."
+
+
+def _comm_assumption(gpu: GpuSpec, setup: TrainingSetup) -> str:
+    link = interconnect_of(gpu, setup.num_gpus)
+    return (
+        f"{setup.num_gpus} GPUs with {setup.parallelism.upper()} over {link.name}; communication is assumed "
+        f"to overlap with up to half of the compute time (not measured on multiple GPUs)."
+    )
