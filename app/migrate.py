@@ -63,38 +63,60 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _pg_locked(conn: Connection) -> contextlib.AbstractContextManager[None]:
-    @contextlib.contextmanager
-    def hold() -> Iterator[None]:
-        # Session-level advisory lock: held across Alembic's own transactions, released explicitly.
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+@contextlib.contextmanager
+def _pg_advisory_lock(conn: Connection) -> Iterator[None]:
+    """Session-level advisory lock: held across Alembic's own transactions, released explicitly."""
+    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
         conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
-            conn.commit()
-
-    return hold()
 
 
-def upgrade_to_head(url: str) -> str | None:
-    """Migrate the database at `url` to head under a lock; returns the revision it ends at."""
-    cfg = alembic_config(url)
+@contextlib.contextmanager
+def database_lock(url: str) -> Iterator[Connection]:
+    """Hold the database-wide start-up lock; yields the connection it is held on (migrate on it)."""
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         if engine.dialect.name == "postgresql":
-            with engine.connect() as conn, _pg_locked(conn):
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-                conn.commit()
+            with engine.connect() as conn, _pg_advisory_lock(conn):
+                yield conn
         else:
             with _sqlite_file_lock(url), engine.connect() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-                conn.commit()
+                yield conn
     finally:
         engine.dispose()
+
+
+def _upgrade_on(conn: Connection, url: str) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+    conn.commit()
+
+
+def upgrade_to_head(url: str) -> str | None:
+    """Migrate the database at `url` to head under the lock; returns the revision it ends at."""
+    with database_lock(url) as conn:
+        _upgrade_on(conn, url)
+    return current_revision(url)
+
+
+def prepare_database(url: str, *, seed: bool = True) -> str | None:
+    """Start-up: under one lock, migrate to head and load the seed catalog if it is empty.
+
+    Holding the lock through the seed load keeps replicas that start together from loading it twice.
+    """
+    from app import catalog
+    from app.db import engine_for, session_factory, session_scope
+
+    with database_lock(url) as conn:
+        _upgrade_on(conn, url)
+        if seed:
+            for session in session_scope(session_factory(engine_for(url))):
+                catalog.load_seed(session, only_if_empty=True)
     return current_revision(url)
 
 

@@ -57,3 +57,22 @@ def test_replicas_migrating_at_once_all_succeed(db_url: str) -> None:
         revisions = list(pool_.map(upgrade_to_head, [db_url] * 4))
     assert revisions == [head_revision()] * 4
     assert _tables(db_url) >= CATALOG_TABLES
+
+
+def test_replicas_preparing_at_once_load_the_seed_once(db_url: str) -> None:
+    from dbhelp import DATA_DIR, counts
+    from sqlalchemy.orm import Session
+
+    from app.migrate import prepare_database
+
+    with ProcessPoolExecutor(max_workers=4) as pool_:
+        revisions = list(pool_.map(prepare_database, [db_url] * 4))
+    assert revisions == [head_revision()] * 4
+    engine = create_engine(db_url, poolclass=pool.NullPool)
+    try:
+        with Session(engine) as s:
+            n = counts(s)
+    finally:
+        engine.dispose()
+    price_rows = len((DATA_DIR / "prices.csv").read_text().splitlines()) - 1
+    assert n["price"] == price_rows and n["gpu"] >= 34 and n["catalog_meta"] == 1
