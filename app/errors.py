@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -95,7 +98,7 @@ def render_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, AppError):
         return JSONResponse(exc.body(), status_code=exc.status_code)
     if isinstance(exc, RequestValidationError):
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": clean_validation_errors(exc.errors())}, status_code=422)
     if isinstance(exc, StarletteHTTPException):
         headers = dict(exc.headers) if exc.headers else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
@@ -108,6 +111,50 @@ def render_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(body, status_code=503)
     log.exception("unhandled error (request_id=%s) on %s %s", rid, request.method, request.url.path)
     return internal_error_response(rid)
+
+
+# An error item echoes the offending input; a pasted config.json can be large, so past this many
+# characters of JSON the echo is left out (the loc and msg still name the problem).
+MAX_ECHO_CHARS = 2000
+
+
+def clean_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's 422 items made JSON-safe: NaN/Infinity inputs as text, huge inputs left out."""
+    out: list[dict[str, Any]] = []
+    for err in errors:
+        item: dict[str, Any] = {
+            "type": str(err.get("type", "value_error")),
+            "loc": [p if isinstance(p, int) else str(p) for p in err.get("loc", ())],
+            "msg": str(err.get("msg", "")),
+        }
+        if "input" in err:
+            echoed = _json_safe(err["input"])
+            if len(json.dumps(echoed, default=str)) <= MAX_ECHO_CHARS:
+                item["input"] = echoed
+        if err.get("ctx"):
+            item["ctx"] = {str(k): _json_safe(v) for k, v in err["ctx"].items()}
+        out.append(item)
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        encoded = jsonable_encoder(value)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)[:MAX_ECHO_CHARS]
+    return _finite(encoded)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
 
 
 def internal_error_response(request_id: str | None) -> JSONResponse:
