@@ -1,0 +1,97 @@
+"""`tunefit measure`: the API's fields as kebab-case flags (one run), or --plan FILE (a batch of runs)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.measure.spec import ATTENTIONS, METHODS, OPTIMIZERS, PARALLELISMS, PRECISIONS, SpecError
+
+
+def build_parser(prog: str = "tunefit measure") -> argparse.ArgumentParser:
+    """The argument parser of `tunefit measure`."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run real fine-tuning steps on this machine's GPU and append one JSON line per run "
+                    "(format: docs/calibration-format.md). Needs the extra tunefit[measure].")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="catalog slug (data/models/<slug>.json or data/calibration/configs/)")
+    src.add_argument("--model-config", type=Path, help="a Hugging Face config.json file")
+    src.add_argument("--plan", type=Path, help="a JSON/YAML batch: {batch, defaults, runs: [{field: value}]}")
+    p.add_argument("--method", choices=METHODS, default="lora")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=None, help="default: 2 x rank")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names or all-linear")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--num-gpus", type=int, default=1)
+    p.add_argument("--parallelism", choices=PARALLELISMS, default="ddp")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps; the first is the untimed warm-up")
+    p.add_argument("--gc-reentrant", action="store_true", help="reentrant checkpointing (default: non-reentrant)")
+    p.add_argument("--out", type=Path, default=Path("measure.jsonl"), help="JSONL file to append to")
+    p.add_argument("--batch", dest="batch_name", default=None, help="batch name (default: the plan's, or adhoc)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--isolation", choices=("fork", "spawn"), default="fork",
+                   help="each run in a forked child (imports shared, CUDA fresh) or a fresh interpreter")
+    p.add_argument("--workdir", type=Path, default=None, help="where random checkpoints go (deleted after)")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
+    p.add_argument("--run-timeout-s", type=float, default=600.0)
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    return p
+
+
+def _fields(a: argparse.Namespace) -> dict[str, Any]:
+    f: dict[str, Any] = {
+        "method": a.method, "precision": a.precision, "optimizer": a.optimizer, "batch_size": a.batch_size,
+        "seq_len": a.seq_len, "gradient_checkpointing": a.gradient_checkpointing, "attention": a.attention,
+        "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha, "lora_targets": a.lora_targets,
+        "double_quant": a.double_quant, "num_gpus": a.num_gpus, "parallelism": a.parallelism,
+        "steps": a.steps, "gc_use_reentrant": a.gc_reentrant,
+    }
+    if a.model_config is not None:
+        f["model_config"] = str(a.model_config)
+    else:
+        f["model"] = a.model
+    return f
+
+
+def main(argv: list[str] | None = None, prog: str = "tunefit measure") -> int:
+    """Parse flags, run the run or the plan, print a summary; 0 when every run produced a line."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog)
+    a = parser.parse_args(args_list)
+    from app.measure.spec import load_plan, spec_from_fields
+
+    try:
+        if a.plan is not None:
+            name, specs, _raw = load_plan(a.plan)
+        else:
+            if a.model is None and a.model_config is None:
+                parser.error("give --model, --model-config or --plan")
+            name, specs = "adhoc", [spec_from_fields(_fields(a))]
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = a.batch_name or name
+    if a.dry_run:
+        for i, s in enumerate(specs, 1):
+            print(f"{i:3d} {s.model or s.model_config_source} {s.method} {s.precision} {s.optimizer} "
+                  f"b{s.batch_size} s{s.seq_len} gc={int(s.gradient_checkpointing)} {s.attention}")
+        return 0
+    from app.measure.runner import run_batch, summary
+
+    command = f"{prog} {shlex.join(args_list)}"
+    lines = run_batch(name, specs, a.out, command, device=a.device, isolation=a.isolation,
+                      workdir=a.workdir, deadline_s=a.deadline_s, run_timeout_s=a.run_timeout_s,
+                      keep_checkpoints=a.keep_checkpoints)
+    print(summary(lines))
+    return 0 if len(lines) == len(specs) else 1
