@@ -45,6 +45,8 @@ def build_parser(prog: str = "tunefit measure") -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--run-timeout-s", type=float, default=600.0)
+    p.add_argument("--skip-done", type=Path, default=None,
+                   help="a JSONL file: skip runs whose run_id already has a line there (resume a batch)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
     return p
 
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None, prog: str = "tunefit measure") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = a.batch_name or name
+    done: set[str] = set()
+    if a.skip_done is not None and a.skip_done.is_file():
+        import json
+
+        done = {json.loads(x)["run_id"] for x in a.skip_done.read_text().splitlines() if x.strip()}
     if a.dry_run:
         for i, s in enumerate(specs, 1):
             print(f"{i:3d} {s.model or s.model_config_source} {s.method} {s.precision} {s.optimizer} "
@@ -92,6 +99,6 @@ def main(argv: list[str] | None = None, prog: str = "tunefit measure") -> int:
     command = f"{prog} {shlex.join(args_list)}"
     lines = run_batch(name, specs, a.out, command, device=a.device, isolation=a.isolation,
                       workdir=a.workdir, deadline_s=a.deadline_s, run_timeout_s=a.run_timeout_s,
-                      keep_checkpoints=a.keep_checkpoints)
+                      keep_checkpoints=a.keep_checkpoints, skip_run_ids=done)
     print(summary(lines))
-    return 0 if len(lines) == len(specs) else 1
+    return 0 if len(lines) + len(done) >= len(specs) else 1

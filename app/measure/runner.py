@@ -89,9 +89,9 @@ def _in_child(target: Callable[..., None], args: tuple[Any, ...], result_path: P
     return None, f"worker process exited with code {code} and wrote no result"
 
 
-def _group(specs: list[RunSpec]) -> list[tuple[str, list[tuple[int, RunSpec]]]]:
+def _group(todo: list[tuple[int, RunSpec]]) -> list[tuple[str, list[tuple[int, RunSpec]]]]:
     groups: dict[str, list[tuple[int, RunSpec]]] = {}
-    for i, s in enumerate(specs):
+    for i, s in todo:
         groups.setdefault(s.checkpoint_key(), []).append((i, s))
     return list(groups.items())
 
@@ -120,7 +120,7 @@ def _describe(line: dict[str, Any]) -> str:
 def run_batch(name: str, specs: list[RunSpec], out: Path, command: str, *, device: str = "auto",
               isolation: str = "fork", workdir: Path | None = None, deadline_s: float | None = None,
               run_timeout_s: float = 600.0, keep_checkpoints: bool = False,
-              log: Log = print) -> list[dict[str, Any]]:
+              skip_run_ids: set[str] | frozenset[str] = frozenset(), log: Log = print) -> list[dict[str, Any]]:
     """Run every spec (grouped by model), appending one JSON line per run to `out`; return the lines."""
     t_batch = time.monotonic()
     use_cuda = cuda_present() if device == "auto" else device == "cuda"
@@ -130,9 +130,10 @@ def run_batch(name: str, specs: list[RunSpec], out: Path, command: str, *, devic
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="tunefit-runs-"))
     lines: list[dict[str, Any]] = []
+    todo = [(i, s) for i, s in enumerate(specs) if f"{name}-{i + 1:03d}" not in skip_run_ids]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    log(f"batch {name}: {len(specs)} runs, device={'cuda' if use_cuda else 'cpu'}, isolation={isolation}")
-    for key, group in _group(specs):
+    log(f"batch {name}: {len(todo)} of {len(specs)} runs to do, device={'cuda' if use_cuda else 'cpu'}, isolation={isolation}")
+    for key, group in _group(todo):
         if deadline_s is not None and time.monotonic() - t_batch > deadline_s:
             break
         ckpt = workdir / key
@@ -169,8 +170,8 @@ def run_batch(name: str, specs: list[RunSpec], out: Path, command: str, *, devic
         if not keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    if len(lines) < len(specs):
-        log(f"deadline reached: {len(specs) - len(lines)} runs not started")
+    if len(lines) < len(todo):
+        log(f"deadline reached: {len(todo) - len(lines)} runs not started")
     log(f"batch {name}: {len(lines)} lines written to {out} in {time.monotonic() - t_batch:.0f} s")
     return lines
 

@@ -32,7 +32,8 @@ for plan in "$@"; do
   name=$(basename "$plan" .json)
   left=$(( DEADLINE - ($(date +%s) - START) ))
   [ "$left" -gt 20 ] || { echo "no time left for $name"; continue; }
+  # Runs already committed for this batch (an earlier call that hit its deadline) are skipped.
   python3 -m app.measure --plan "$plan" --device cuda --isolation "$ISO" --deadline-s "$left" \
-    --out "$OUT/h200-$name.jsonl" >"$OUT/log-$name.txt" 2>&1
+    --skip-done "data/calibration/h200-$name.jsonl" --out "$OUT/h200-$name.jsonl" >"$OUT/log-$name.txt" 2>&1
   grep -E '^(batch|checkpoint|deadline|totals)|  (ok|oom|error) ' "$OUT/log-$name.txt" | cut -c1-200
 done
