@@ -35,17 +35,38 @@ class Calibration:
     fp32_eff: float  # share of the fp32 (CUDA-core) peak fp32 GEMMs reach
     bandwidth_eff: float  # share of the spec bandwidth streaming kernels reach
     host_s_per_kernel: float  # host (Python + dispatcher + launch) time per kernel in eager mode
+    adamw_passes: float  # optimizer-step HBM traffic per trainable parameter, in parameter sizes
+    bnb8_bytes: float  # bitsandbytes 8-bit AdamW, bytes per parameter (blockwise quantize/dequantize)
+    adafactor_passes: float
+    host_ops_gc_per_layer: float  # checkpoint hooks' host cost per layer, in op equivalents
+    host_ops_per_trained_tensor: float
+    overlap_p: float  # host/GPU overlap: step = (gpu^p + host^p)^(1/p); large p is a perfect max
     fitted_on: str  # which runs fixed these numbers
 
 
-# Fitted by scripts/fit_throughput.py on data/calibration/h200-*.jsonl (run ids listed in fitted_on).
+# Derived from the H200 runs of data/calibration/h200-a-llama-3.2-1b-sweeps.jsonl (run ids below are
+# that file's a-llama-3.2-1b-sweeps-NNN) and checked with scripts/fit_throughput.py:
+# - host_s_per_kernel, host_ops_per_trained_tensor: the host-bound forward+backward of 014 (full, SGD,
+#   55.6 ms) and 016 (LoRA, 46.1 ms) at batch 1 x 1024 tokens;
+# - adamw_passes: 001 - 014 (AdamW minus SGD: 21 ms for 1.24B bf16 parameters); bnb8_bytes: 012/013;
+#   adafactor_passes: 015;
+# - host_ops_gc_per_layer: 006 - 001 (non-reentrant checkpointing adds ~1.9 ms of host time per layer);
+# - matmul_eff: 003 (batch 4 x 1024, GPU-bound); overlap_p: 007 (gradient checkpointing, host ~ GPU);
+# - attn_eff: the prior (45% of spec for SDPA's flash kernels), consistent with 005 and 008 (4096 tokens);
+# - fp32_eff, bandwidth_eff: priors (80%), not yet exercised apart from the optimizer step.
 CALIBRATION = Calibration(
-    matmul_eff=0.80,
+    matmul_eff=0.65,
     attn_eff=0.45,
     fp32_eff=0.80,
     bandwidth_eff=0.80,
-    host_s_per_kernel=9e-6,
-    fitted_on="priors before calibration: matmul 80% of measured peak, SDPA 45% of spec, 9 us/kernel",
+    host_s_per_kernel=13.4e-6,
+    adamw_passes=35.6,
+    bnb8_bytes=140.0,
+    adafactor_passes=50.0,
+    host_ops_gc_per_layer=95.0,
+    host_ops_per_trained_tensor=12.8,
+    overlap_p=4.0,
+    fitted_on="h200-a-llama-3.2-1b-sweeps 001-016 (Llama-3.2-1B, full/LoRA, 1-4 x 1024-4096 tokens)",
 )
 
 # Datacenter cards reach ~80% of their spec in square bf16 matmuls (measured: H100 SXM 784-798 of 989,
@@ -69,15 +90,19 @@ _FP32_SHARE = (
     ("apple", 1.0),
 )
 
-# Kernels one decoder layer launches in its forward (transformers 5 Llama-style layer: 2 RMSNorms of
-# ~7 ops, RoPE ~12 ops, SDPA, 3 residual/SwiGLU ops, reshapes that launch copies): counted from the
-# modeling code; per projection 1 GEMM (+bias); QLoRA's Linear4bit adds dequantize + 2 casts; a peft
-# LoRA wrapper adds cast, lora_A, lora_B, scale, add, cast. Backward launches about twice the forward.
-_KERNELS_PER_LAYER = 36
-_KERNELS_PER_QLORA_LINEAR = 3
-_KERNELS_PER_LORA_ADAPTER = 6
-_KERNELS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll and their grads
-_BACKWARD_KERNEL_FACTOR = 2.0
+# Host work in "kernel equivalents" (one eager op dispatched from Python), counted from the transformers
+# 5 modeling code: a Llama-style layer's forward launches ~40 ops besides its projections (2 RMSNorms of
+# ~7 ops, RoPE ~12, SDPA, residual adds, SwiGLU, reshape copies), one GEMM per projection; QLoRA's
+# Linear4bit adds dequantize + 2 casts; a peft LoRA wrapper adds cast, lora_A, lora_B, scale, add, cast.
+# Backward: twice the non-GEMM ops, one GEMM per frozen projection and two per trained one, ~8 per LoRA
+# adapter. Each trained tensor costs an AccumulateGrad node and a gradient allocation; non-reentrant
+# gradient checkpointing runs Python pack/unpack hooks per saved tensor on top of the recomputation.
+_HOST_OPS_PER_LAYER = 40
+_HOST_OPS_QLORA_LINEAR = 3
+_HOST_OPS_LORA_FWD = 6
+_HOST_OPS_LORA_BWD = 8
+_HOST_OPS_EAGER = 15
+_HOST_OPS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll, grads
 
 # Elementwise bytes per token per layer per pass, in units of (hidden + intermediate) x element size:
 # RMSNorm reads/writes ~3 hidden-wide tensors each (x2), RoPE ~4 q/k-wide, residual adds 3, SwiGLU
@@ -140,7 +165,7 @@ def matmul_tflops(gpu: GpuSpec) -> float:
     return gpu.tensor_tflops * _SPEC_TO_MEASURED[gpu.consumer]
 
 
-def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int) -> _Work:
+def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibration | None = None) -> _Work:
     """FLOPs, bytes and kernels of one micro-step on one GPU, from the architecture and the setup."""
     s, b = setup.seq_len, setup.batch_size
     t = s * b
@@ -215,20 +240,24 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int) -> _Work:
 
     trainable = arch.params_total if full else adapter
     p_elem = 4 if (not full or setup.precision in ("fp32", "amp_bf16", "amp_fp16")) else 2
-    opt_bytes = trainable * _optimizer_bytes(setup.optimizer, p_elem)
+    opt_bytes = trainable * _optimizer_bytes(setup.optimizer, p_elem, cal or CALIBRATION)
 
     shards = setup.num_gpus if setup.parallelism in ("fsdp", "zero3") else 1
     opt_bytes /= shards if setup.parallelism in ("fsdp", "zero2", "zero3") and full else 1
     comm, per_opt = _comm_bytes(arch, setup, trainable, p_elem)
 
-    n_lin = len(arch.linears)
-    per_layer = _KERNELS_PER_LAYER + n_lin + len(targets) * _KERNELS_PER_LORA_ADAPTER
+    c = cal or CALIBRATION
+    n_lin, n_lora = len(arch.linears), len(targets)
+    fwd_ops = _HOST_OPS_PER_LAYER + n_lin + n_lora * _HOST_OPS_LORA_FWD
+    if setup.attention == "eager":
+        fwd_ops += _HOST_OPS_EAGER  # repeat_kv, matmul, mask add, softmax, cast, dropout, matmul
     if qlora:
-        per_layer += n_lin * _KERNELS_PER_QLORA_LINEAR
-    fwd_kernels = per_layer * layers
-    kernels = fwd_kernels * ((1 if gc else 0) + 1 + _BACKWARD_KERNEL_FACTOR) + _KERNELS_HEAD_AND_LOSS
-    opt_kernels = 20.0  # foreach optimizers: a few dozen launches per step over tensor lists
-    kernels += opt_kernels / grad_accum
+        fwd_ops += n_lin * _HOST_OPS_QLORA_LINEAR
+    bwd_ops = 2 * (fwd_ops - n_lin - n_lora * _HOST_OPS_LORA_FWD) + n_lin * (2 if full else 1)
+    bwd_ops += n_lora * _HOST_OPS_LORA_BWD
+    gc_ops = (fwd_ops + c.host_ops_gc_per_layer) if gc else 0.0
+    kernels = layers * (fwd_ops + bwd_ops + gc_ops) + _HOST_OPS_HEAD_AND_LOSS
+    kernels += c.host_ops_per_trained_tensor * _trained_tensors(arch, setup, targets)
 
     model_flops = (6.0 if full else 4.0) * (lin + experts_active + router + h * v) + attn_fwd / t * (
         3.5 if causal else 3.0
@@ -250,18 +279,30 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int) -> _Work:
     )
 
 
-def _optimizer_bytes(optimizer: str, p_elem: int) -> float:
-    """HBM traffic per trainable parameter of one optimizer step."""
+def _trained_tensors(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> int:
+    """How many parameter tensors receive gradients (AccumulateGrad nodes, optimizer tensor lists)."""
+    if setup.method != "full":
+        return 2 * sum(x.layers for x in arch.linears if x.name in targets)
+    tensors = (
+        1 + (0 if arch.tie_embeddings else 1) + sum(x.layers * (2 if x.bias else 1) for x in arch.linears)
+    )
+    tensors += arch.num_layers * (arch.norms_per_layer + (2 if arch.qk_norm else 0)) + 1
+    return tensors + 3 * arch.num_moe_layers  # fused expert gate_up and down, router
+
+
+def _optimizer_bytes(optimizer: str, p_elem: int, cal: Calibration) -> float:
+    """HBM traffic per trainable parameter of one optimizer step (effective, fitted where measured)."""
     if optimizer == "adamw":
         # torch foreach AdamW: reads param, grad, exp_avg, exp_avg_sq, writes three of them, and its
-        # _foreach_* chain (lerp, mul, addcmul, sqrt, div, addcdiv) passes over temporaries: ~12x.
-        return 12.0 * p_elem
+        # _foreach_* chain (weight decay, lerp, mul, addcmul, sqrt, div, add, addcdiv) passes over
+        # temporaries: at least ~21 passes of the parameter size.
+        return cal.adamw_passes * p_elem
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        # bitsandbytes fused 8-bit kernel: param r/w, grad r, two uint8 states r/w.
-        return 3.0 * p_elem + 4.0
+        # bitsandbytes 8-bit kernel: param r/w, grad r, two uint8 states r/w, blockwise requantization.
+        return cal.bnb8_bytes
     if optimizer == "sgd":
         return 3.0 * p_elem  # momentum 0: read param and grad, write param
-    return 6.0 * p_elem  # adafactor: factored second moment, a few passes over grads and params
+    return cal.adafactor_passes * p_elem  # factored second moment, several passes over grads and params
 
 
 def _comm_bytes(
@@ -299,7 +340,7 @@ def estimate_throughput(
     calibration: Calibration = CALIBRATION,
 ) -> Throughput:
     """Tokens/s of `setup.num_gpus` x `gpu` for this model and setup (one micro-step per GPU timed)."""
-    w = _work(arch, setup, grad_accum)
+    w = _work(arch, setup, grad_accum, calibration)
     c = calibration
     bf16_ok = gpu.bf16_supported or setup.precision in ("fp16", "amp_fp16", "fp32")
     mm_rate = matmul_tflops(gpu) * 1e12 * c.matmul_eff
@@ -318,9 +359,14 @@ def estimate_throughput(
     attention = w.attn_flops / (f32_rate if w.attn_fp32 else attn_rate)
     stream = w.stream_bytes / bw
     optimizer = w.opt_bytes / bw / grad_accum
-    gpu_s = gemm + fp32 + attention + stream + optimizer
+    gpu_s = gemm + fp32 + attention + stream
     host_s = w.kernels * c.host_s_per_kernel
-    compute_s = max(gpu_s, host_s)
+    # Forward and backward: the host queues kernels ahead of the GPU, so they take about the longer of
+    # the two (small models and batches are host-bound); near balance the queue runs dry now and then,
+    # hence a smooth maximum. The optimizer step runs on the GPU after the last gradient, behind
+    # everything queued, before the loss is read: it adds.
+    p = c.overlap_p
+    compute_s = (gpu_s**p + host_s**p) ** (1 / p) + optimizer
 
     comm_s = 0.0
     if setup.num_gpus > 1:
@@ -334,7 +380,7 @@ def estimate_throughput(
     tokens_per_s = w.tokens * setup.num_gpus / step_s if step_s > 0 else 0.0
     if exposed > 0 and exposed >= compute_s:
         bound = "communication"
-    elif host_s > gpu_s:
+    elif host_s > gpu_s + optimizer:
         bound = "host"
     elif stream + optimizer + gemm_memory_bound > gpu_s / 2:
         bound = "memory"
@@ -346,7 +392,7 @@ def estimate_throughput(
         "attention_s": attention,
         "memory_traffic_s": stream,
         "optimizer_s": optimizer,
-        "gpu_s": gpu_s,
+        "gpu_s": gpu_s + optimizer,
         "host_s": host_s,
         "communication_s": comm_s,
         "communication_exposed_s": exposed,

@@ -1,0 +1,183 @@
+"""Fit (or just check) the throughput model's efficiency constants on the measured H200 runs.
+
+    .venv/bin/python scripts/fit_throughput.py          # table of measured vs predicted tokens/s
+    .venv/bin/python scripts/fit_throughput.py --fit    # search constants minimising the log error
+
+The constants it prints go into app/core/throughput.py CALIBRATION by hand, with the run ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.core.architecture import parse_config  # noqa: E402
+from app.core.calibration import setup_of  # noqa: E402
+from app.core.gpu import MIB, GpuSpec  # noqa: E402
+from app.core.throughput import CALIBRATION, Calibration, estimate_throughput  # noqa: E402
+
+
+def h200() -> GpuSpec:
+    """The calibration GPU as the seed catalog describes it."""
+    with (ROOT / "data" / "gpus.csv").open() as fh:
+        r = next(row for row in csv.DictReader(fh) if row["slug"] == "h200")
+    return GpuSpec(
+        slug="h200",
+        name=r["name"],
+        vram_bytes=int(r["vram_total_mib"]) * MIB,
+        bandwidth_bytes_per_s=float(r["bandwidth_gbps"]) * 1e9,
+        bf16_tflops=float(r["bf16_tflops"]),
+        fp16_tflops=float(r["fp16_tflops"]),
+        bf16_supported=True,
+        board_power_w=float(r["board_power_w"]),
+        launch_price_usd=None,
+        consumer=False,
+        architecture=r["architecture"],
+        compute_capability=r["compute_capability"],
+        measured_bf16_tflops=float(r["measured_bf16_tflops"]),
+        interconnect=r["interconnect"],
+    )
+
+
+def runs() -> list[dict[str, Any]]:
+    """Every successful single-GPU H200 run with a measured tokens/s."""
+    out = []
+    for path in sorted((ROOT / "data" / "calibration").glob("h200-*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("status") == "ok" and rec.get("tokens_per_s") and int(rec.get("num_gpus", 1)) == 1:
+                out.append(rec)
+    return out
+
+
+def predict(rec: dict[str, Any], gpu: GpuSpec, cal: Calibration) -> float:
+    """Predicted tokens/s of one run from its inputs only."""
+    return estimate_throughput(
+        parse_config(rec["model_config"]), setup_of(rec), gpu, calibration=cal
+    ).tokens_per_s
+
+
+def loss(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration) -> float:
+    """Sum of squared log errors plus a penalty on the worst run (the test bounds the worst)."""
+    errs = [math.log(predict(r, gpu, cal) / r["tokens_per_s"]) for r in recs]
+    return sum(e * e for e in errs) + 4 * max(abs(e) for e in errs) ** 2
+
+
+# bandwidth_eff stays at its prior (80% of spec for streaming kernels): it is degenerate with the
+# optimizer's traffic constants on these runs.
+FITTED = (
+    "matmul_eff",
+    "attn_eff",
+    "fp32_eff",
+    "host_s_per_kernel",
+    "adamw_passes",
+    "bnb8_bytes",
+    "adafactor_passes",
+    "host_ops_gc_per_layer",
+    "host_ops_per_trained_tensor",
+    "overlap_p",
+)
+
+
+def _cal(base: Calibration, names: tuple[str, ...], x: list[float]) -> Calibration:
+    values: dict[str, Any] = {n: math.exp(v) for n, v in zip(names, x, strict=True)}
+    return replace(base, **{n: min(v, 1.0) if n.endswith("_eff") else v for n, v in values.items()})
+
+
+def fit(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration, iters: int = 1500) -> Calibration:
+    """Nelder-Mead in log space over the constants that the runs exercise."""
+    names = tuple(n for n in FITTED if any(_uses(r, n) for r in recs))
+    x0 = [math.log(getattr(cal, n)) for n in names]
+
+    def f(x: list[float]) -> float:
+        return loss(recs, gpu, _cal(cal, names, x))
+
+    simplex = [x0] + [[v + (0.3 if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
+    scores = [f(x) for x in simplex]
+    for _ in range(iters):
+        order = sorted(range(len(simplex)), key=lambda i: scores[i])
+        simplex, scores = [simplex[i] for i in order], [scores[i] for i in order]
+        centroid = [sum(p[k] for p in simplex[:-1]) / (len(simplex) - 1) for k in range(len(x0))]
+        worst = simplex[-1]
+        refl = [c + (c - w) for c, w in zip(centroid, worst, strict=True)]
+        fr = f(refl)
+        if fr < scores[0]:
+            exp = [c + 2 * (c - w) for c, w in zip(centroid, worst, strict=True)]
+            fe = f(exp)
+            simplex[-1], scores[-1] = (exp, fe) if fe < fr else (refl, fr)
+        elif fr < scores[-2]:
+            simplex[-1], scores[-1] = refl, fr
+        else:
+            con = [c + 0.5 * (w - c) for c, w in zip(centroid, worst, strict=True)]
+            fc = f(con)
+            if fc < scores[-1]:
+                simplex[-1], scores[-1] = con, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [
+                    [b + 0.5 * (v - b) for b, v in zip(best, p, strict=True)] for p in simplex[1:]
+                ]
+                scores = [scores[0]] + [f(p) for p in simplex[1:]]
+    i = min(range(len(simplex)), key=lambda k: scores[k])
+    return _cal(cal, names, simplex[i])
+
+
+def _uses(rec: dict[str, Any], name: str) -> bool:
+    """Whether a run exercises a constant (so that unexercised ones keep their priors)."""
+    if name == "bnb8_bytes":
+        return "8bit" in rec["optimizer"]
+    if name == "adafactor_passes":
+        return rec["optimizer"] == "adafactor"
+    if name == "fp32_eff":
+        return rec["method"] == "qlora" or rec["precision"] == "fp32"
+    if name == "host_ops_gc_per_layer":
+        return bool(rec["gradient_checkpointing"])
+    return True
+
+
+def table(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration) -> str:
+    """Markdown table of measured vs predicted tokens/s."""
+    lines = [
+        "| run | model | method | prec | opt | b×s | GC | attn | measured tok/s | predicted | error |",
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    errs = []
+    for r in recs:
+        p = predict(r, gpu, cal)
+        e = p / r["tokens_per_s"] - 1
+        errs.append(abs(e))
+        lines.append(
+            f"| {r['run_id']} | {r.get('model') or 'config'} | {r['method']} | {r['precision']} "
+            f"| {r['optimizer']} "
+            f"| {r['batch_size']}×{r['seq_len']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+            f"| {r['attention']} | {r['tokens_per_s']:,.0f} | {p:,.0f} | {e:+.1%} |"
+        )
+    errs.sort()
+    lines.append(f"\n{len(errs)} runs: median |error| {errs[len(errs) // 2]:.1%}, worst {errs[-1]:.1%}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fit", action="store_true", help="search the constants")
+    args = parser.parse_args()
+    recs, gpu, cal = runs(), h200(), CALIBRATION
+    if not recs:
+        sys.exit("no measured H200 runs in data/calibration/h200-*.jsonl")
+    if args.fit:
+        cal = fit(recs, gpu, cal)
+        print({f.name: getattr(cal, f.name) for f in fields(cal) if f.name in FITTED})
+    print(table(recs, gpu, cal))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Throughput mechanisms: FLOPs per method, recomputation, attention, QLoRA, scaling, multi-GPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from app.core.gpu import interconnect_of
+from app.core.setup import TrainingSetup
+from app.core.throughput import _work, estimate_throughput, fp32_tflops
+from tests.core.catalog_values import A100_80GB, H100_SXM, H200, RTX_3060, RTX_4090, T4, seed_gpu
+from tests.core.helpers import arch
+
+LLAMA8 = arch("llama-3.1-8b")
+
+
+def _flops(setup: TrainingSetup) -> float:
+    w = _work(LLAMA8, setup, 1)
+    return (sum(f for f, _ in w.gemm_flops) + w.fp32_flops + w.attn_flops) / w.tokens
+
+
+def test_flops_per_token_by_method() -> None:
+    n = LLAMA8.params_total - LLAMA8.embedding_params  # matmul weights incl. lm_head
+    full = _flops(TrainingSetup(method="full", seq_len=512, gradient_checkpointing=False))
+    lora = _flops(TrainingSetup(method="lora", seq_len=512, gradient_checkpointing=False))
+    full_gc = _flops(TrainingSetup(method="full", seq_len=512))
+    # full: 6N (forward 2N, activation grads 2N, weight grads 2N) + a small attention share
+    assert full / (6 * n) == pytest.approx(1.0, abs=0.03)
+    # LoRA has no weight grads of the frozen base: about 4N, i.e. two thirds of full
+    assert lora / full == pytest.approx(4 / 6, abs=0.02)
+    # gradient checkpointing recomputes the layers' forward: +2N of 6N, about a third more compute
+    assert full_gc / full == pytest.approx(8 / 6, abs=0.03)
+
+
+def test_attention_share_grows_with_sequence() -> None:
+    short = _work(LLAMA8, TrainingSetup(method="lora", seq_len=512), 1)
+    long = _work(LLAMA8, TrainingSetup(method="lora", seq_len=8192), 1)
+    assert long.attn_flops / long.tokens == pytest.approx(16 * short.attn_flops / short.tokens, rel=0.01)
+    eager = _work(LLAMA8, TrainingSetup(method="lora", seq_len=512, attention="eager"), 1)
+    assert eager.attn_flops > 1.5 * short.attn_flops  # eager computes the masked half too
+
+
+@pytest.mark.parametrize("gpu", [RTX_4090, H100_SXM, H200])
+def test_qlora_slower_than_lora_slower_than_nothing(gpu) -> None:
+    setup = TrainingSetup(method="lora", batch_size=4, seq_len=512)
+    lora = estimate_throughput(LLAMA8, setup, gpu).tokens_per_s
+    qlora = estimate_throughput(LLAMA8, replace(setup, method="qlora"), gpu).tokens_per_s
+    no_gc = estimate_throughput(LLAMA8, replace(setup, gradient_checkpointing=False), gpu).tokens_per_s
+    assert qlora < lora < no_gc
+    # "gradient checkpointing costs about a third more time" (article: ~30%)
+    assert 1.15 < no_gc / lora < 1.6
+
+
+def test_bigger_batches_are_not_slower() -> None:
+    speeds = [
+        estimate_throughput(
+            LLAMA8, TrainingSetup(method="lora", batch_size=b, seq_len=512), H200
+        ).tokens_per_s
+        for b in (1, 2, 4, 8, 16)
+    ]
+    assert speeds == sorted(speeds)
+
+
+def test_other_gpus_are_scaled_and_say_so() -> None:
+    setup = TrainingSetup(method="lora", batch_size=8, seq_len=1024)
+    h200 = estimate_throughput(LLAMA8, setup, H200)
+    rtx = estimate_throughput(LLAMA8, setup, RTX_4090)
+    assert h200.scaled_from is None
+    assert rtx.scaled_from is not None and "H200" in rtx.scaled_from and "1,008" in rtx.scaled_from
+    # compute-bound: the ratio follows the 16-bit matmul rates (160 vs 790), within memory-traffic effects
+    assert 0.15 < rtx.tokens_per_s / h200.tokens_per_s < 0.35
+    assert estimate_throughput(LLAMA8, setup, RTX_3060).tokens_per_s < rtx.tokens_per_s
+
+
+def test_no_bf16_card_is_crippled_in_bf16_but_not_in_fp16() -> None:
+    setup = TrainingSetup(method="lora", batch_size=1, seq_len=512, precision="bf16")
+    bf16 = estimate_throughput(arch("llama-3.2-1b"), setup, T4).tokens_per_s
+    fp16 = estimate_throughput(arch("llama-3.2-1b"), replace(setup, precision="fp16"), T4).tokens_per_s
+    assert fp16 > 5 * bf16
+
+
+def test_fp32_rates_by_chip_class() -> None:
+    assert fp32_tflops(RTX_4090) == pytest.approx(165.2 / 2)  # GeForce: tensor (fp32 acc) = 2x fp32
+    assert fp32_tflops(A100_80GB) == pytest.approx(19.5)
+    assert fp32_tflops(H100_SXM) == pytest.approx(66.9, abs=0.5)
+
+
+def test_multi_gpu_lora_ddp_scales_nearly_linearly() -> None:
+    base = TrainingSetup(method="lora", batch_size=4, seq_len=1024)
+    one = estimate_throughput(LLAMA8, base, H100_SXM).tokens_per_s
+    four = estimate_throughput(LLAMA8, replace(base, num_gpus=4), H100_SXM).tokens_per_s
+    assert four / one == pytest.approx(4.0, rel=0.03)  # LoRA gradients are megabytes
+
+
+def test_fsdp_full_over_pcie_pays_for_communication() -> None:
+    base = TrainingSetup(method="full", batch_size=1, seq_len=512, num_gpus=4, parallelism="fsdp")
+    nvlink = estimate_throughput(LLAMA8, base, H100_SXM)
+    pcie = estimate_throughput(LLAMA8, base, seed_gpu("h100-pcie"))
+    assert nvlink.breakdown_s["communication_exposed_s"] < pcie.breakdown_s["communication_exposed_s"]
+    assert "NVLink" in interconnect_of(H100_SXM).name and "PCIe" in interconnect_of(RTX_4090).name
+    assert "peer-to-peer" in interconnect_of(RTX_4090).name  # GeForce 40: no P2P
+    assert any("FSDP" in a for a in nvlink.assumptions)
