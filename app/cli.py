@@ -93,10 +93,15 @@ def ensure_database(settings: Settings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logs import uvicorn_log_config
+
     settings = get_settings()
     ensure_database(settings)
     # access_log off: the app logs one structured JSON line per request itself.
-    uvicorn.run("app.main:app", host=args.host, port=args.port, access_log=False, proxy_headers=True)
+    uvicorn.run(
+        "app.main:app", host=args.host, port=args.port, access_log=False, proxy_headers=True,
+        log_config=uvicorn_log_config(settings.log_level),
+    )
     return 0
 
 

@@ -13,7 +13,9 @@ from typing import Any
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # LogRecord attributes that are not "extra" fields passed by the caller.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message",  # uvicorn adds an ANSI-coloured copy of the message
+}
 
 
 class JsonFormatter(logging.Formatter):
