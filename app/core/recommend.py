@@ -138,18 +138,17 @@ def recommend(
         huge_reason = is_huge(arch, method, best.hours)
         if huge_reason:
             break
-        return _local(arch, method, best, wishes, tiers, methods, rows_for), rankings
+        return _local(method, best, wishes, tiers, methods), rankings
 
     # 2. A GPU the user named (not theirs, or too small locally): the fewest of it that fit.
     if wishes.gpu is not None:
         named = wishes.gpu.slug
         counts = (wishes.num_gpus,) if wishes.num_gpus > 1 else COUNTS
         for method in methods:
-            ok = [
-                r
-                for r in rows_for(method)
-                if r.gpu_slug == named and r.num_gpus in counts and r.recommendable
-            ]
+            rows = [r for r in rows_for(method) if r.gpu_slug == named and r.num_gpus in counts]
+            if not rows and wishes.num_gpus not in COUNTS:  # an unusual count: rank that setup alone
+                rows = [rk.row(setups[method], wishes.gpu, wishes.num_gpus, prices, job, limits=False)]
+            ok = [r for r in rows if r.recommendable]
             if ok:
                 best = min(ok, key=lambda r: r.num_gpus)
                 return _cloud(arch, method, best, methods, tiers, huge_reason, named=True), rankings
@@ -224,7 +223,7 @@ def _local_options(
     return options
 
 
-def _method_reason(method: str, methods: tuple[str, ...], rows_for: object = None) -> str:
+def _method_reason(method: str, methods: tuple[str, ...]) -> str:
     if len(methods) == 1:
         return f"{_METHOD_NAME[method]} as requested."
     if method == "full":
@@ -259,13 +258,7 @@ def _speed_reason(row: RankRow) -> str | None:
 
 
 def _local(
-    arch: Architecture,
-    method: str,
-    row: RankRow,
-    wishes: Wishes,
-    tiers: Sequence[BudgetTier],
-    methods: tuple[str, ...],
-    rows_for: object,
+    method: str, row: RankRow, wishes: Wishes, tiers: Sequence[BudgetTier], methods: tuple[str, ...]
 ) -> Recommendation:
     reasons = [_method_reason(method, methods), _fit_reason(row)]
     tier = tier_for_budget(tiers, wishes.budget_usd) if wishes.budget_usd is not None else None
