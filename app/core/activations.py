@@ -62,6 +62,7 @@ class LayerActivations:
     transient: int  # extra live bytes at the layer's busiest moment (forward or backward)
     attn_scores_saved: int  # bytes per (batch x heads x q x k) element kept by eager attention
     attn_scores_transient: int
+    tensors: tuple[int, ...]  # the saved set as separate allocations (bytes per token each)
 
 
 def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> LayerActivations:
@@ -70,101 +71,117 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     h, q, kv, i = arch.hidden_size, arch.q_width, arch.kv_width, arch.intermediate_size
     r = setup.lora_rank if setup.method != "full" else 0
     res, out, full = d.residual, d.linear_out, d.weights_trainable
-    saved = 0
+    eager = setup.attention == "eager"
+    t: list[int] = []
 
     # RMSNorm.  Llama-style (`weight * hidden_states.to(input_dtype)`): the fp32 input is saved by
     # pow/mul, and the re-cast normalized input when the weight trains.  Gemma-style
     # (`_norm(x.float()) * (1.0 + weight.float())`): the fp32 input, and the fp32 normalized value when
     # the weight trains.  Gemma 2/3 have four norms per layer (pre/post attention and feed-forward).
     gemma = arch.norms_per_layer == 4
-    norm_saved = 4 * h + ((4 if gemma else res) * h if full else 0)
-    saved += arch.norms_per_layer * norm_saved
+    for _ in range(arch.norms_per_layer):
+        t.append(4 * h)
+        if full:
+            t.append((4 if gemma else res) * h)
 
     # Inputs the base projections save for their weight gradients (full fine-tuning only).  Under
     # autocast each projection casts the fp32 norm output to 16-bit separately (autocast caches casts
     # of leaf weights only), so q/k/v (gate/up) each keep their own copy.
-    def base_input(width: int, consumers: int) -> int:
-        if not full:
-            return 0
-        return (2 * width * consumers) if d.autocast else res * width
-
-    saved += base_input(h, 1 if arch.fused_qkv else 3) + base_input(h, 1 if arch.fused_gate_up else 2)
+    if full:
+        for consumers in (1 if arch.fused_qkv else 3, 1 if arch.fused_gate_up else 2):
+            t.extend([2 * h] * consumers if d.autocast else [res * h])
     # down_proj's input is act(gate)*up, counted with the MLP below; o_proj's input is SDPA's output.
 
     # LoRA: peft casts x to the adapter dtype (fp32) per wrapped module (`_cast_input_dtype`): a new
     # fp32 copy per module for a 16-bit x, the same tensor for an fp32 x.  Under autocast lora_A then
     # casts to 16-bit, again once per module.  lora_B saves lora_A's output (rank wide).
-    def lora(width: int, dx: int, names: tuple[str, ...], base_saves_x: bool) -> int:
+    def lora(width: int, dx: int, names: tuple[str, ...], base_saves_x: bool) -> None:
         wrapped = sum(1 for n in names if n in targets)
         if not wrapped:
-            return 0
+            return
         if d.autocast:
-            return wrapped * (2 * width + 2 * r)
-        copies = wrapped * 4 * width if dx != 4 else (0 if base_saves_x else 4 * width)
-        return copies + wrapped * 4 * r
+            t.extend([2 * width, 2 * r] * wrapped)
+            return
+        if dx != 4:
+            t.extend([4 * width] * wrapped)
+        elif not base_saves_x:
+            t.append(4 * width)
+        t.extend([4 * r] * wrapped)
 
     base_saves = full and not d.autocast
-    saved += lora(h, res, ("q_proj", "k_proj", "v_proj", "qkv_proj"), base_saves)
+    lora(h, res, ("q_proj", "k_proj", "v_proj", "qkv_proj"), base_saves)
     # SDPA's output is o_proj's input and is saved by SDPA already (its transpose is contiguous).
-    saved += lora(q, d.attn, ("o_proj",), setup.attention != "eager")
-    saved += lora(h, res, ("gate_proj", "up_proj", "gate_up_proj"), base_saves)
-    saved += lora(i, out, ("down_proj",), full)
+    lora(q, d.attn, ("o_proj",), not eager)
+    lora(h, res, ("gate_proj", "up_proj", "gate_up_proj"), base_saves)
+    lora(i, out, ("down_proj",), full)
 
     # q/k RMSNorm on head_dim (Qwen3, Gemma3): the fp32 copy of q and k, plus the normalized value
     # when the weight trains (16-bit for Qwen3's Llama-style norm, fp32 for Gemma's).
     if arch.qk_norm:
-        saved += 4 * (q + kv) + (((4 if gemma else out) * (q + kv)) if full else 0)
+        t.extend([4 * q, 4 * kv])
+        if full:
+            t.extend([(4 if gemma else out) * q, (4 if gemma else out) * kv])
 
     # Attention: SDPA (flash / memory-efficient) saves q, k, v (post-RoPE), its output and logsumexp;
     # transformers passes enable_gqa=True when there is no mask, so k/v stay at kv-head width.
     # RoPE saves only cos/sin (shared).  Under autocast SDPA runs on 16-bit casts of q, k, v.
     att = d.attn
-    saved += att * (q + 2 * kv) + att * q + 4 * arch.num_heads
-    if arch.fused_qkv and (setup.attention != "eager" or kv == q):
-        # Phi-3: v is a view of the fused qkv_proj output, so saving v keeps all q+2kv of it alive
-        # (eager's repeat_kv copies v unless every head has its own k/v).
-        saved += out * (q + kv)
     scores_saved = 0
     scores_transient = 0
-    if setup.attention == "eager":
-        # eager_attention_forward: repeat_kv materializes k and v at full head width; softmax in
-        # fp32 (saved output) then `.to(query.dtype)` (saved by the PV matmul).
-        saved += (
-            att * 2 * (q - kv)
-            - att * q
-            - 4 * arch.num_heads
-            + (att * q if full or "o_proj" in targets else 0)
-        )
+    if not eager:
+        t.extend([att * q, att * kv, att * kv, att * q, 4 * arch.num_heads])
+        if arch.fused_qkv:
+            # Phi-3: v is a view of the fused qkv_proj output, so saving v keeps all q+2kv of it alive.
+            t[-3] = out * (q + 2 * kv)
+    else:
+        # eager_attention_forward: repeat_kv materializes k and v at full head width (saved by the
+        # matmuls), softmax in fp32 (saved output) then `.to(query.dtype)` (saved by the PV matmul);
+        # the contiguous attention output is saved by o_proj when it trains.
+        t.extend([att * q, att * q, att * q])
+        if arch.fused_qkv and kv == q:
+            t[-1] = out * (q + 2 * kv)  # no repeat: v stays a view of the fused output
+        if full or "o_proj" in targets:
+            t.append(att * q)
         scores_saved = 4 + (att if att != 4 else 0)
         if arch.attn_logit_softcapping:
             # Gemma 2: scores / cap, tanh (saves its output), * cap before the softmax.
             scores_saved += att
         scores_transient = 2 * att + 4
-    # the attention output is reshaped (a view) into o_proj; o_proj output is added to the residual.
 
     # MLP (SwiGLU / GeGLU): act saves gate, the product saves act(gate) and up; full FT also saves
     # act(gate)*up as down_proj's input.  Phi-3's fused gate_up output is the same bytes.
-    saved += 3 * out * i + (out * i if full else 0)
+    if arch.fused_gate_up:
+        t.extend([2 * out * i, out * i])
+    else:
+        t.extend([out * i, out * i, out * i])
+    if full:
+        t.append(out * i)
 
     transient = _layer_transient(arch, setup, d)
-    return LayerActivations(saved, res * h, transient, scores_saved, scores_transient)
+    return LayerActivations(sum(t), res * h, transient, scores_saved, scores_transient, tuple(t))
 
 
 def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int:
-    """Largest short-lived set in a layer: the MLP backward holds grads of gate, up and act."""
+    """Largest short-lived set in a layer (bytes per token)."""
+    return sum(layer_transient_tensors(arch, setup))
+
+
+def layer_transient_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[int, ...]:
+    """The short-lived tensors of a layer's busiest moment, per token: the MLP backward."""
+    d = dtypes_for(setup)
     h, i = arch.hidden_size, arch.intermediate_size
     out = d.linear_out
     # backward through act(gate)*up: grad_prod, grad_act, grad_up, grad_gate live together, plus
     # the residual-stream gradient (two of them around an add) in the residual dtype.
-    transient = 3 * out * i + 2 * d.residual * h
+    t = [out * i, out * i, out * i, d.residual * h, d.residual * h]
     if setup.method == "qlora":
         # Linear4bit casts its fp32 input to bf16 (`x.to(compute_dtype)`) and returns bf16 before the
         # cast back: a 16-bit copy of the widest input and output are alive at once.
-        transient += 2 * (h + i)
+        t.extend([2 * h, 2 * i])
     elif setup.method == "lora" and out == 2:
         # lora.Linear: `result + lora_B(...)*scaling` promotes to fp32 before `.to(result dtype)`.
-        transient += 4 * i
-    return transient
+        t.append(4 * i)
+    return tuple(t)
 
 
 def moe_extra(arch: Architecture, setup: TrainingSetup) -> int:

@@ -8,18 +8,18 @@ from app.core import activations as act
 from app.core.allocator import (
     CUBLAS_WORKSPACE_BYTES,
     GIB,
+    block_size,
     cuda_context_bytes,
-    segment_bytes,
+    kernel_bytes,
+    managed_bytes,
 )
 from app.core.architecture import Architecture
 from app.core.errors import CoreInputError
+from app.core.fragment import fragmentation
 from app.core.notices import Notice
 from app.core.optim import optimizer_bytes
-from app.core.quant import nf4_tensors
+from app.core.params import Group, grad_size, param_bytes, trainable_groups, weight_tensors
 from app.core.setup import TrainingSetup
-
-# (bytes of one tensor, how many such tensors)
-Group = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -39,78 +39,9 @@ class MemoryEstimate:
         return self.peak_bytes / GIB
 
 
-def _param_bytes(setup: TrainingSetup) -> int:
-    """Element size of the (base) model's parameters as loaded."""
-    if setup.precision in ("fp32", "amp_bf16", "amp_fp16"):
-        return 4
-    return 2
-
-
-def _tensor_groups(arch: Architecture) -> list[tuple[int, int, int]]:
-    """(rows, cols, count) of every parameter tensor of the model."""
-    h = arch.hidden_size
-    groups: list[tuple[int, int, int]] = [(arch.vocab_size, h, 1)]
-    if not arch.tie_embeddings:
-        groups.append((arch.vocab_size, h, 1))
-    for lin in arch.linears:
-        groups.append((lin.out_features, lin.in_features, lin.layers))
-        if lin.bias:
-            groups.append((lin.out_features, 1, lin.layers))
-    groups.append((h, 1, arch.num_layers * arch.norms_per_layer + 1))
-    if arch.qk_norm:
-        groups.append((arch.head_dim, 1, 2 * arch.num_layers))
-    if arch.is_moe:
-        e, mi = arch.num_experts, arch.moe_intermediate_size
-        groups.append((e * 2 * mi, h, arch.num_moe_layers))
-        groups.append((e * h, mi, arch.num_moe_layers))
-        groups.append((e, h, arch.num_moe_layers))
-    return groups
-
-
-def _lora_groups(arch: Architecture, targets: frozenset[str], rank: int) -> list[tuple[int, int, int]]:
-    """(rows, cols, count) of the LoRA A and B matrices."""
-    groups: list[tuple[int, int, int]] = []
-    for lin in arch.linears:
-        if lin.name in targets:
-            groups.append((rank, lin.in_features, lin.layers))
-            groups.append((lin.out_features, rank, lin.layers))
-    return groups
-
-
-def _weights(arch: Architecture, setup: TrainingSetup) -> tuple[list[Group], int]:
-    """Resident base-model weight tensors and the largest dequantized weight (QLoRA)."""
-    if setup.method != "qlora":
-        size = _param_bytes(setup)
-        return [(r * c * size, n) for r, c, n in _tensor_groups(arch)], 0
-    groups: list[Group] = []
-    largest = 0
-    quantized = {(lin.out_features, lin.in_features) for lin in arch.linears}
-    for lin in arch.linears:
-        # transformers `replace_with_bnb_linear` swaps every `type(module) is nn.Linear` except the
-        # lm_head / tied embedding (`get_keys_to_not_convert`) for bnb Linear4bit.
-        for nbytes in nf4_tensors(lin.weight_numel, setup.double_quant):
-            groups.append((nbytes, lin.layers))
-        if lin.bias:
-            groups.append((lin.out_features * 2, lin.layers))
-        largest = max(largest, lin.weight_numel * 2)
-    for r, c, n in _tensor_groups(arch):
-        if (r, c) in quantized and c != 1:
-            continue
-        if c == 1 and any(lin.bias and lin.out_features == r for lin in arch.linears):
-            continue
-        # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 parameter to fp32:
-        # embedding, lm_head, norms -- and MoE experts, which transformers 5 stores as 3D
-        # nn.Parameter tensors that bitsandbytes does not quantize.
-        groups.append((r * c * 4, n))
-    return groups, largest
-
-
-def _sum(groups: list[Group]) -> int:
-    return sum(b * n for b, n in groups)
-
-
-def _reserved(groups: list[Group]) -> int:
-    return sum(segment_bytes(b) * n for b, n in groups)
+def _allocated(groups: list[Group]) -> int:
+    """Bytes the caching allocator hands out for these tensors (512-byte blocks)."""
+    return sum(block_size(b) * n for b, n in groups)
 
 
 def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
@@ -136,28 +67,23 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     tokens = setup.batch_size * setup.seq_len
 
     # --- parameters -------------------------------------------------------------------------
-    weight_groups, dequant_bytes = _weights(arch, setup)
-    if setup.method == "full":
-        trainable_shapes = _tensor_groups(arch)
-        grad_size = _param_bytes(setup)
-    else:
-        trainable_shapes = _lora_groups(arch, targets, setup.lora_rank)
-        # peft get_peft_model(autocast_adapter_dtype=True) creates bf16/fp16 adapters as fp32.
-        grad_size = 4
-    params_trainable = sum(r * c * k for r, c, k in trainable_shapes)
-    trainable_groups: list[Group] = [(r * c * grad_size, k) for r, c, k in trainable_shapes]
+    weight_groups, dequant_bytes = weight_tensors(arch, setup)
+    g_size = grad_size(setup)
+    trainable = trainable_groups(arch, setup, targets)
+    params_trainable = sum(t.rows * t.cols * t.n for t in trainable)
+    train_groups: list[Group] = [(t.rows * t.cols * g_size, t.n) for t in trainable]
 
     shard_params = multi and setup.parallelism in ("fsdp", "zero3")
     shard_grads = multi and setup.parallelism in ("fsdp", "zero2", "zero3")
     shard_states = multi and setup.parallelism != "ddp"
 
-    weights = _reserved(weight_groups)
-    adapters = _reserved(trainable_groups) if setup.method != "full" else 0
-    grads = _reserved(trainable_groups)
-    opt = optimizer_bytes(setup.optimizer, ((r, c, grad_size, k) for r, c, k in trainable_shapes))
-    states = _reserved(list(opt.state_groups))
-    managed = opt.managed_bytes
-    step_temp = _reserved(list(opt.step_temp_groups))
+    weights = _allocated(weight_groups)
+    adapters = _allocated(train_groups) if setup.method != "full" else 0
+    grads = _allocated(train_groups)
+    opt = optimizer_bytes(setup.optimizer, ((t.rows, t.cols, g_size, t.n) for t in trainable))
+    states = _allocated(list(opt.state_groups))
+    managed = sum(managed_bytes(b) * n for b, n in opt.managed_groups)
+    step_temp = _allocated(list(opt.step_temp_groups))
     if shard_params:
         weights //= n
         adapters //= n
@@ -197,8 +123,8 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
 
     head_grads = 0
     if setup.method == "full":
-        head_grads = segment_bytes(arch.vocab_size * arch.hidden_size * grad_size) + segment_bytes(
-            arch.hidden_size * grad_size
+        head_grads = block_size(arch.vocab_size * arch.hidden_size * g_size) + block_size(
+            arch.hidden_size * g_size
         )
         if shard_grads:
             head_grads //= n
@@ -247,7 +173,11 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
     best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
 
-    breakdown: dict[str, int] = {"cuda_context": cuda_context_bytes(), "weights": weights}
+    breakdown: dict[str, int] = {
+        "cuda_context": cuda_context_bytes(),
+        "cuda_kernels_and_handles": kernel_bytes(setup),
+        "weights": weights,
+    }
     if adapters:
         breakdown["adapters"] = adapters
     for key in (
@@ -256,22 +186,36 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         "optimizer_step_temporaries",
         "activations",
         "logits_and_loss",
+        "autocast_weight_copies",
         "qlora_dequant_workspace",
     ):
         if best.get(key):
             breakdown[key] = best[key]
     if managed:
+        # bitsandbytes paged states live in cudaMallocManaged memory: outside torch's allocator, but
+        # resident on the GPU during the step, so NVML counts them (run a-llama-3.2-1b-sweeps-013).
         breakdown["optimizer_states_paged"] = managed
     if multi and setup.parallelism == "ddp":
         # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
-        breakdown["ddp_buckets"] = _reserved(trainable_groups)
+        breakdown["ddp_buckets"] = _allocated(train_groups)
     if shard_params:
         # FSDP / ZeRO-3 gather one layer's full parameters at a time (plus one prefetched).
-        per_layer = (_sum(weight_groups) - arch.embedding_params * _param_bytes(setup)) // max(
-            arch.num_layers, 1
-        )
+        per_layer = (
+            sum(b * c for b, c in weight_groups) - arch.embedding_params * param_bytes(setup)
+        ) // max(arch.num_layers, 1)
         breakdown["gathered_params"] = 2 * per_layer
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
+    # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
+    # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
+    sim_alloc, _, frag = fragmentation(arch, _single_gpu(setup), targets)
+    allocated = sum(
+        v
+        for k, v in breakdown.items()
+        if k not in ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
+    )
+    if multi and sim_alloc:
+        frag = frag * min(allocated, sim_alloc) // sim_alloc
+    breakdown["allocator_fragmentation"] = frag
     peak = sum(breakdown.values())
 
     assumptions.append(
@@ -309,6 +253,14 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         warnings=tuple(warnings),
         assumptions=tuple(assumptions),
     )
+
+
+def _single_gpu(setup: TrainingSetup) -> TrainingSetup:
+    if setup.num_gpus == 1:
+        return setup
+    from dataclasses import replace
+
+    return replace(setup, num_gpus=1, parallelism="ddp")
 
 
 def _autocast_copies(

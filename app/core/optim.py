@@ -21,7 +21,7 @@ class OptimizerBytes:
     """State tensors (allocator-visible, as groups), managed bytes, and the step's temporaries."""
 
     state_groups: tuple[Group, ...]
-    managed_bytes: int
+    managed_groups: tuple[Group, ...]  # cudaMallocManaged allocations (bitsandbytes paged states)
     step_temp_groups: tuple[Group, ...]
 
 
@@ -29,7 +29,7 @@ def optimizer_bytes(optimizer: str, params: Iterable[tuple[int, int, int, int]])
     """States for trainable tensors given as (rows, cols, bytes per element, count)."""
     states: list[Group] = []
     temps: list[Group] = []
-    managed = 0
+    managed: list[Group] = []
     largest = 0
     for rows, cols, esize, count in params:
         numel = rows * cols
@@ -45,7 +45,7 @@ def optimizer_bytes(optimizer: str, params: Iterable[tuple[int, int, int, int]])
             paged = optimizer == "paged_adamw_8bit" and numel >= BNB_PAGED_MIN_NUMEL
             if paged:
                 # state1/state2 go to managed memory; absmax buffers stay ordinary CUDA tensors.
-                managed += (sizes[0] + sizes[1]) * count
+                managed.extend([(sizes[0], count), (sizes[1], count)])
                 states.extend((b, count) for b in sizes[2:])
             else:
                 states.extend((b, count) for b in sizes)
@@ -62,7 +62,7 @@ def optimizer_bytes(optimizer: str, params: Iterable[tuple[int, int, int, int]])
             raise ValueError(optimizer)
     if largest:
         temps.append((largest, 1))
-    return OptimizerBytes(tuple(states), managed, tuple(temps))
+    return OptimizerBytes(tuple(states), tuple(managed), tuple(temps))
 
 
 def _adafactor_states(rows: int, cols: int, esize: int) -> list[int]:
@@ -71,3 +71,18 @@ def _adafactor_states(rows: int, cols: int, esize: int) -> list[int]:
     if cols == 1:
         return [rows * esize]
     return [rows * esize, cols * esize]
+
+
+def param_state_tensors(optimizer: str, rows: int, cols: int, esize: int) -> tuple[tuple[int, ...], int, int]:
+    """(allocator-visible state tensor sizes, managed bytes, step temporary) for one parameter."""
+    nbytes = rows * cols * esize
+    if optimizer == "adamw":
+        return (nbytes, nbytes), 0, nbytes
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        sizes = bnb8_state_tensors(rows * cols)
+        if optimizer == "paged_adamw_8bit" and rows * cols >= BNB_PAGED_MIN_NUMEL:
+            return sizes[2:], sizes[0] + sizes[1], 0
+        return sizes, 0, 0
+    if optimizer == "sgd":
+        return (nbytes,), 0, 0
+    return tuple(_adafactor_states(rows, cols, esize)), 0, nbytes

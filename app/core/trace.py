@@ -1,0 +1,175 @@
+"""The order in which one training step allocates and frees its tensors, replayed on AllocatorSim.
+
+The trace follows the reference loop (`model(input_ids=x, labels=x).loss.backward()`, `opt.step()`,
+`opt.zero_grad(set_to_none=True)`) for three steps: the first creates the optimizer states in the
+holes the first backward left, which is why later steps can need new segments (fragmentation that
+nvidia-smi shows and `max_memory_allocated` does not).  Sizes come from memory.py/activations.py;
+only their order and lifetimes are decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.allocsim import AllocatorSim
+from app.core.optim import param_state_tensors
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """Everything the replay needs, in bytes (already multiplied by the tokens of a micro-batch)."""
+
+    weights: tuple[int, ...]  # resident base weights, load order
+    adapters: tuple[int, ...]  # LoRA A/B tensors created by get_peft_model
+    layers: int
+    layer_params: tuple[Shape, ...]  # trainable tensors of one layer (rows, cols)
+    opt_params: tuple[Shape, ...]  # every trainable tensor, in model.parameters() order
+    head_grads: tuple[int, ...]  # grads made at the lm_head backward (lm_head or tied embedding, norm)
+    embed_grad: int  # untied embedding grad made last (0: frozen or tied)
+    tied_accumulate: int  # a tied embedding's second gradient, added into .grad then freed
+    grad_size: int  # bytes per element of grads and (for torch optimizers) states
+    optimizer: str
+    layer_saved: tuple[int, ...]  # one layer's saved tensors
+    layer_transient: tuple[int, ...]  # short-lived tensors of one layer's forward/backward
+    layer_copies: tuple[int, ...]  # autocast 16-bit weight copies of one layer (amp only)
+    head_copy: int  # autocast copy of the lm_head weight (amp only)
+    cache_copies: bool  # full fine-tuning under autocast: copies cached until the forward ends
+    checkpoint: bool
+    hidden: int  # one residual-stream tensor (embedding output, checkpoint input)
+    final_saved: tuple[int, ...]
+    logits: int  # lm_head output
+    logits_fp32: int  # `logits.float()` copy (0 when the logits are already fp32)
+    vocab_fp32: int  # one fp32 B x S x V tensor (log_softmax output, its gradients)
+    shared: tuple[int, ...]  # tensors alive for the whole step (cos/sin, eager mask)
+    dequant: int  # bnb dequantized weight during a 4-bit matmul (QLoRA)
+
+
+def simulate(plan: TracePlan, steps: int = 3) -> tuple[int, int]:
+    """Replay `steps` training steps; return (peak allocated, peak reserved) in bytes."""
+    sim = AllocatorSim()
+    tr = _Tracer(sim)
+    for nbytes in plan.weights:
+        tr.new(nbytes)
+    for nbytes in plan.adapters:
+        tr.new(nbytes)
+    for step in range(steps):
+        grads = _forward_backward(plan, tr)
+        if step == 0:  # optimizer states are created lazily inside the first step()
+            for rows, cols in plan.opt_params:
+                for nbytes in param_state_tensors(plan.optimizer, rows, cols, plan.grad_size)[0]:
+                    tr.new(nbytes)
+        temps = []
+        for rows, cols in plan.opt_params:
+            temp = param_state_tensors(plan.optimizer, rows, cols, plan.grad_size)[2]
+            if temp and plan.optimizer == "adafactor":  # single-tensor loop: one at a time
+                tr.free(tr.new(temp))
+            elif temp:  # foreach AdamW: `_foreach_sqrt(exp_avg_sqs)` for every parameter at once
+                temps.append(tr.new(temp))
+        tr.free_all(temps)
+        tr.free_all(grads)  # zero_grad(set_to_none=True)
+    return sim.peak_allocated, sim.peak_reserved
+
+
+class _Tracer:
+    __slots__ = ("n", "sim")
+
+    def __init__(self, sim: AllocatorSim) -> None:
+        self.sim = sim
+        self.n = 0
+
+    def new(self, nbytes: int) -> int:
+        self.n += 1
+        self.sim.malloc(self.n, nbytes)
+        return self.n
+
+    def free(self, handle: int) -> None:
+        self.sim.free(handle)
+
+    def free_all(self, handles: list[int]) -> None:
+        for h in handles:
+            self.sim.free(h)
+
+
+def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
+    """One forward and backward; returns the gradient handles (alive until zero_grad)."""
+    new, free, free_all = tr.new, tr.free, tr.free_all
+    shared = [new(n) for n in plan.shared]
+    inputs = [new(plan.hidden)]  # embedding output
+    saved: list[list[int]] = []
+    copies: list[list[int]] = []
+    cache: list[int] = []
+    for _ in range(plan.layers):
+        cp = [new(n) for n in plan.layer_copies]
+        layer = [new(n) for n in plan.layer_saved]
+        tmp = [new(n) for n in plan.layer_transient[:2]]
+        if plan.dequant:
+            free(new(plan.dequant))
+        out = new(plan.hidden)
+        free_all(tmp)
+        if plan.checkpoint:  # non-reentrant checkpoint keeps only the layer's input
+            free_all(layer)
+            if plan.cache_copies:
+                cache.extend(cp)
+            else:
+                free_all(cp)
+            inputs.append(out)
+        else:
+            saved.append(layer)
+            copies.append(cp)
+            free(inputs.pop())
+            inputs.append(out)
+    final = [new(n) for n in plan.final_saved]
+    head_copy = new(plan.head_copy) if plan.head_copy else 0
+    logits = new(plan.logits)
+    up = new(plan.logits_fp32) if plan.logits_fp32 else 0
+    lsm = new(plan.vocab_fp32)
+    if up:
+        free(up)
+    free(logits)  # the model output is dropped once `.loss` is taken
+    free_all(cache)  # autocast's weight cache is cleared when the autocast region exits
+    # backward: nll_loss grad, log_softmax grad, cast back to the logits dtype, lm_head
+    g_nll = new(plan.vocab_fp32)
+    g_in = new(plan.vocab_fp32)
+    free(g_nll)
+    free(lsm)
+    g_logits = g_in
+    if plan.logits_fp32:
+        g_logits = new(plan.logits)
+        free(g_in)
+    grads = [new(n) for n in plan.head_grads]
+    g_hidden = new(plan.hidden)
+    free(g_logits)
+    if head_copy:
+        free(head_copy)
+    free_all(final)
+    free(inputs.pop())  # the final norm's input
+    for _ in range(plan.layers):
+        if plan.checkpoint:
+            cp = [new(n) for n in plan.layer_copies]
+            layer = [new(n) for n in plan.layer_saved]
+        else:
+            cp = copies.pop()
+            layer = saved.pop()
+        tmp = [new(n) for n in plan.layer_transient]
+        if plan.dequant:
+            free(new(plan.dequant))
+        for rows, cols in plan.layer_params:
+            grads.append(new(rows * cols * plan.grad_size))
+        g_next = new(plan.hidden)
+        free_all(tmp)
+        free_all(layer)
+        free_all(cp)
+        free(g_hidden)
+        g_hidden = g_next
+        if plan.checkpoint:
+            free(inputs.pop())
+    if plan.embed_grad:
+        grads.append(new(plan.embed_grad))
+    if plan.tied_accumulate:
+        free(new(plan.tied_accumulate))
+    free(g_hidden)
+    free_all(inputs)
+    free_all(shared)
+    return grads

@@ -1,0 +1,74 @@
+"""Compare tunefit with published peak-memory measurements (data/published.yaml); prints markdown.
+
+    .venv/bin/python scripts/published_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.core.architecture import parse_config  # noqa: E402
+from app.core.memory import MemoryEstimate, estimate_memory  # noqa: E402
+from app.core.setup import TrainingSetup  # noqa: E402
+
+GIB = float(1 << 30)
+
+
+def _setup(raw: dict[str, Any], **over: Any) -> TrainingSetup:
+    fields = {**raw, **over}
+    if "lora_targets" in fields:
+        fields["lora_targets"] = tuple(fields["lora_targets"])
+    return TrainingSetup(**fields)
+
+
+def _metric(est: MemoryEstimate, metric: str) -> float:
+    """The part of the prediction that the published metric measures."""
+    b = est.breakdown
+    if metric == "nvidia_smi":
+        return est.peak_bytes / GIB
+    reserved = est.peak_bytes - b.get("cuda_context", 0) - b.get("optimizer_states_paged", 0)
+    if metric == "torch_reserved":
+        return reserved / GIB
+    return (reserved - b.get("allocator_overhead", 0) - b.get("library_workspaces", 0)) / GIB
+
+
+def _max_seq(arch: Any, raw: dict[str, Any], vram_gib: float) -> int:
+    lo, hi = 1, 1 << 22
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_memory(arch, _setup(raw, seq_len=mid)).peak_bytes <= vram_gib * GIB:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def main() -> None:
+    """Print one row per published run."""
+    data = yaml.safe_load((ROOT / "data" / "published.yaml").read_text())
+    print("| id | metric | published | tunefit | difference |")
+    print("|---|---|---:|---:|---:|")
+    for run in data["runs"]:
+        cfg = run.get("model_config") or json.loads((ROOT / "data" / "models" / f"{run['model']}.json").read_text())
+        arch = parse_config(cfg)
+        if run["metric"] == "max_seq_len_fits":
+            pred = _max_seq(arch, run["setup"], run["vram_gib"])
+            pub = run["value_tokens"]
+            print(f"| {run['id']} | tokens fitting {run['vram_gib']:g} GiB | {pub:,} | {pred:,} | {pred / pub - 1:+.0%} |")
+            continue
+        est = estimate_memory(arch, _setup(run["setup"]))
+        pred_gib = _metric(est, run["metric"])
+        pub_gib = run["value_gib"]
+        print(f"| {run['id']} | {run['metric']} | {pub_gib:.2f} GiB | {pred_gib:.2f} GiB | {pred_gib / pub_gib - 1:+.0%} |")
+
+
+if __name__ == "__main__":
+    main()
