@@ -174,8 +174,7 @@ def recommend(
 
     # 4. Nothing fits anywhere (up to 8 GPUs of any kind): say so, with the closest setup.
     method = methods[-1]
-    rows = rows_for(method)
-    closest = max(rows, key=lambda r: r.headroom_bytes / max(r.vram_bytes, 1))
+    closest = max(rows_for(method), key=lambda r: r.headroom_bytes / max(r.vram_bytes, 1))
     rec = Recommendation(
         method=method,
         gpu=None,
