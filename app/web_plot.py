@@ -62,17 +62,39 @@ def _anchor(x: float) -> str:
     return "end" if x > 55 else "start"
 
 
+# Each known breakdown term keeps its colour and place as fields change, so a reader sees what grew.
+TERM_ORDER = (
+    "weights", "adapters", "gradients", "optimizer_states", "optimizer_states_paged",
+    "optimizer_step_temporaries", "activations", "logits_and_loss", "gathered_params", "ddp_buckets",
+    "allocator_fragmentation", "cuda_context", "cuda_kernels_and_handles", "library_workspaces",
+)
+PALETTE_SIZE = 14
+
+
+def _colours(names: list[str]) -> dict[str, str]:
+    """A CSS class per term: fixed for known terms, the free ones in turn for any others."""
+    fixed = {name: i for i, name in enumerate(TERM_ORDER)}
+    free = [i for i in range(PALETTE_SIZE) if i not in {fixed[n] for n in names if n in fixed}]
+    out: dict[str, str] = {}
+    for name in names:
+        index = fixed[name] if name in fixed else (free.pop(0) if free else len(out) % PALETTE_SIZE)
+        out[name] = f"seg-{index}"
+    return out
+
+
 def memory_bar(breakdown_gib: Mapping[str, Any], peak_gib: float, cards: Iterable[tuple[str, float]]) -> Bar:
     """Lay out the breakdown as a stacked bar against each card's VRAM line (percent geometry)."""
     cards = list(cards)
     top = max([peak_gib, *(g for _, g in cards)]) * 1.06 or 1.0
     scale = 100.0 / top
+    rank = {name: i for i, name in enumerate(TERM_ORDER)}
     terms = sorted(((k, float(v)) for k, v in breakdown_gib.items() if v and float(v) > 0),
-                   key=lambda kv: -kv[1])
+                   key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+    colours = _colours([k for k, _ in terms])
     segments: list[Segment] = []
     x = 0.0
-    for i, (name, gib) in enumerate(terms):
-        segments.append(Segment(name, gib, x, gib * scale, f"seg-{i % 8}"))
+    for name, gib in terms:
+        segments.append(Segment(name, gib, x, gib * scale, colours[name]))
         x += gib * scale
     lines = [Line(text, gib, gib * scale, _anchor(gib * scale), peak_gib > gib) for text, gib in cards]
     step = nice_step(top)

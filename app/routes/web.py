@@ -70,6 +70,12 @@ def _estimate_page(
 ) -> Response:
     fields = web_view.request_fields(submitted)
     result, errors, problem, status = _estimate(session, fields)
+    if problem:
+        # Each suggestion links to this same estimate with the unknown slug replaced.
+        field = problem["field"]
+        problem["suggestions"] = [
+            (slug, web_view.permalink("/", {**fields, field: slug})) for slug in problem["suggestions"]
+        ]
     models = services.models_view(session)["models"]
     gpus = services.gpus_view(session)["gpus"]
     names = {g["slug"]: g["name"] for g in gpus}
@@ -91,7 +97,7 @@ def _estimate_page(
         # The address bar follows the form, so reload, bookmark and back all show this estimate.
         headers["HX-Replace-Url"] = page_url
         return templates.TemplateResponse(request, "index.html", context, status_code=status,
-                                          headers=headers, block_name="result")
+                                          headers=headers, block_names=["result", "status"])
     return templates.TemplateResponse(request, "index.html", context, status_code=status, headers=headers)
 
 
