@@ -63,6 +63,17 @@ class LayerActivations:
     attn_scores_saved: int  # bytes per (batch x heads x q x k) element kept by eager attention
     attn_scores_transient: int
     tensors: tuple[int, ...]  # the saved set as separate allocations (bytes per token each)
+    ops: tuple[LayerOp, ...]  # the same tensors grouped by the op whose backward frees them
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """One step of a decoder layer, in forward order: what it saves, trains and sends back."""
+
+    name: str
+    saved: tuple[int, ...]  # bytes per token of each tensor it keeps for backward
+    params: tuple[str, ...]  # Linear names (and "norm") whose gradients its backward produces
+    grad_in: int  # bytes per token of the gradient it returns to the op before it
 
 
 def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> LayerActivations:
@@ -72,25 +83,35 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     r = setup.lora_rank if setup.method != "full" else 0
     res, out, full = d.residual, d.linear_out, d.weights_trainable
     eager = setup.attention == "eager"
+    ops: list[tuple[str, list[int], tuple[str, ...], int]] = []
     t: list[int] = []
+
+    def op(name: str, params: tuple[str, ...], grad_in: int) -> None:
+        nonlocal t
+        t = []
+        ops.append((name, t, params, grad_in))
 
     # RMSNorm.  Llama-style (`weight * hidden_states.to(input_dtype)`): the fp32 input is saved by
     # pow/mul, and the re-cast normalized input when the weight trains.  Gemma-style
     # (`_norm(x.float()) * (1.0 + weight.float())`): the fp32 input, and the fp32 normalized value when
     # the weight trains.  Gemma 2/3 have four norms per layer (pre/post attention and feed-forward).
     gemma = arch.norms_per_layer == 4
-    for _ in range(arch.norms_per_layer):
+
+    def norm(name: str) -> None:
+        op(name, ("norm",), res * h)
         t.append(4 * h)
         if full:
             t.append((4 if gemma else res) * h)
 
+    norm("input_layernorm")
+
     # Inputs the base projections save for their weight gradients (full fine-tuning only).  Under
     # autocast each projection casts the fp32 norm output to 16-bit separately (autocast caches casts
     # of leaf weights only), so q/k/v (gate/up) each keep their own copy.
-    if full:
-        for consumers in (1 if arch.fused_qkv else 3, 1 if arch.fused_gate_up else 2):
+    def base_input(consumers: int) -> None:
+        if full:
             t.extend([2 * h] * consumers if d.autocast else [res * h])
-    # down_proj's input is act(gate)*up, counted with the MLP below; o_proj's input is SDPA's output.
+
 
     # LoRA: peft casts x to the adapter dtype (fp32) per wrapped module (`_cast_input_dtype`): a new
     # fp32 copy per module for a 16-bit x, the same tensor for an fp32 x.  Under autocast lora_A then
@@ -109,15 +130,15 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
         t.extend([4 * r] * wrapped)
 
     base_saves = full and not d.autocast
-    lora(h, res, ("q_proj", "k_proj", "v_proj", "qkv_proj"), base_saves)
-    # SDPA's output is o_proj's input and is saved by SDPA already (its transpose is contiguous).
-    lora(q, d.attn, ("o_proj",), not eager)
-    lora(h, res, ("gate_proj", "up_proj", "gate_up_proj"), base_saves)
-    lora(i, out, ("down_proj",), full)
+    qkv_names = ("qkv_proj",) if arch.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    op("qkv", qkv_names, res * h)
+    base_input(1 if arch.fused_qkv else 3)
+    lora(h, res, qkv_names, base_saves)
 
     # q/k RMSNorm on head_dim (Qwen3, Gemma3): the fp32 copy of q and k, plus the normalized value
     # when the weight trains (16-bit for Qwen3's Llama-style norm, fp32 for Gemma's).
     if arch.qk_norm:
+        op("qk_norm", (), out * (q + kv))
         t.extend([4 * q, 4 * kv])
         if full:
             t.extend([(4 if gemma else out) * q, (4 if gemma else out) * kv])
@@ -128,6 +149,7 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     att = d.attn
     scores_saved = 0
     scores_transient = 0
+    op("attention", (), att * (q + 2 * kv))
     if not eager:
         t.extend([att * q, att * kv, att * kv, att * q, 4 * arch.num_heads])
         if arch.fused_qkv:
@@ -140,25 +162,44 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
         t.extend([att * q, att * q, att * q])
         if arch.fused_qkv and kv == q:
             t[-1] = out * (q + 2 * kv)  # no repeat: v stays a view of the fused output
-        if full or "o_proj" in targets:
-            t.append(att * q)
         scores_saved = 4 + (att if att != 4 else 0)
         if arch.attn_logit_softcapping:
             # Gemma 2: scores / cap, tanh (saves its output), * cap before the softmax.
             scores_saved += att
         scores_transient = 2 * att + 4
 
+    op("o_proj", ("o_proj",), att * q)
+    if eager and (full or "o_proj" in targets):
+        t.append(att * q)
+    # SDPA's output is o_proj's input and is saved by SDPA already (its transpose is contiguous).
+    lora(q, d.attn, ("o_proj",), not eager)
+    if gemma:
+        norm("post_attention_layernorm")
+        norm("pre_feedforward_layernorm")
+    else:
+        norm("post_attention_layernorm")
+    gu_names = ("gate_up_proj",) if arch.fused_gate_up else ("gate_proj", "up_proj")
+    op("gate_up", gu_names, res * h)
+    base_input(1 if arch.fused_gate_up else 2)
+    lora(h, res, gu_names, base_saves)
     # MLP (SwiGLU / GeGLU): act saves gate, the product saves act(gate) and up; full FT also saves
     # act(gate)*up as down_proj's input.  Phi-3's fused gate_up output is the same bytes.
+    op("act", (), 2 * out * i)
     if arch.fused_gate_up:
         t.extend([2 * out * i, out * i])
     else:
         t.extend([out * i, out * i, out * i])
+    op("down_proj", ("down_proj",), out * i)
     if full:
         t.append(out * i)
+    lora(i, out, ("down_proj",), full)
+    if gemma:
+        norm("post_feedforward_layernorm")
 
     transient = _layer_transient(arch, setup, d)
-    return LayerActivations(sum(t), res * h, transient, scores_saved, scores_transient, tuple(t))
+    layer_ops = tuple(LayerOp(name, tuple(ts), params, gin) for name, ts, params, gin in ops)
+    flat = tuple(n for o in layer_ops for n in o.saved)
+    return LayerActivations(sum(flat), res * h, transient, scores_saved, scores_transient, flat, layer_ops)
 
 
 def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int:

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from app.core import activations as act
 from app.core.architecture import Architecture
-from app.core.params import grad_size, lora_groups, param_bytes, param_groups, weight_tensors
+from app.core.params import grad_size, lora_groups, param_bytes, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import Shape, TracePlan, simulate
 
@@ -22,33 +22,56 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     for nbytes, count in weight_tensors(arch, setup)[0]:
         weights.extend([nbytes] * count)
 
+    la = act.layer_activations(arch, setup, targets)
+    by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
+    ops: list[tuple[int, tuple[Shape, ...], int]] = []
     layer_params: list[Shape] = []
-    opt_params: list[Shape] = []
     adapters: list[int] = []
-    if full:
-        for grp in param_groups(arch):
-            if grp.kind in ("embed", "lm_head") or grp.n < L:
+    for o in la.ops:
+        shapes: list[Shape] = []
+        for name in o.params:
+            if name == "norm":
+                if full:
+                    shapes.append((h, 1))
                 continue
-            layer_params.extend([(grp.rows, grp.cols)] * (grp.n // L))
+            lin = by_name.get(name)
+            if lin is None:
+                continue
+            if full:
+                shapes.append((lin.out_features, lin.in_features))
+                if lin.bias:
+                    shapes.append((lin.out_features, 1))
+            elif name in targets:
+                shapes.extend([(setup.lora_rank, lin.in_features), (lin.out_features, setup.lora_rank)])
+        if o.name == "act" and full and arch.is_moe and arch.num_moe_layers == L:
+            e, mi = arch.num_experts, arch.moe_intermediate_size
+            shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
+        extra = 0
+        ops.append((len(o.saved) + extra, tuple(shapes), o.grad_in * tok))
+        layer_params.extend(shapes)
+    if full:
         opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
     else:
         for grp in lora_groups(arch, targets, setup.lora_rank):
-            if grp.n >= L:
-                layer_params.extend([(grp.rows, grp.cols)] * (grp.n // L))
             adapters.extend([grp.rows * grp.cols * 4] * grp.n)
         opt_params = layer_params * L
 
-    la = act.layer_activations(arch, setup, targets)
     scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
     saved = [n * tok for n in la.tensors]
     transient = [n * tok for n in act.layer_transient_tensors(arch, setup)]
     shared = [2 * setup.seq_len * arch.head_dim * d.residual]  # RoPE cos/sin
+    attn_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("attention") + 1])
+    act_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("act") + 1])
     if setup.attention == "eager":
-        saved.extend([4 * scores, d.attn * scores] if d.attn != 4 else [4 * scores])
+        scores_saved = [4 * scores, d.attn * scores] if d.attn != 4 else [4 * scores]
+        saved[attn_at:attn_at] = scores_saved
+        act_at += len(scores_saved)
+        _grow(ops, "attention", la, len(scores_saved))
         transient = [d.attn * scores, d.attn * scores, 4 * scores, *transient]
         shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
     if arch.is_moe:
-        saved.append(act.moe_extra(arch, setup) * tok)
+        saved[act_at:act_at] = [act.moe_extra(arch, setup) * tok]
+        _grow(ops, "act", la, 1)
 
     copies: list[int] = []
     head_copy = 0
@@ -69,7 +92,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         weights=tuple(weights),
         adapters=tuple(adapters),
         layers=L,
-        layer_params=tuple(layer_params),
+        layer_ops=tuple(ops),
         opt_params=tuple(opt_params),
         head_grads=head_grads,
         embed_grad=embed_grad,
@@ -90,6 +113,13 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         shared=tuple(shared),
         dequant=weight_tensors(arch, setup)[1],
     )
+
+
+def _grow(ops: list[tuple[int, tuple[Shape, ...], int]], name: str, la: act.LayerActivations, k: int) -> None:
+    """Give op `name` k more saved tensors (eager scores, MoE routing buffers)."""
+    i = [o.name for o in la.ops].index(name)
+    count, params, grad_in = ops[i]
+    ops[i] = (count + k, params, grad_in)
 
 
 @lru_cache(maxsize=4096)

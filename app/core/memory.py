@@ -129,6 +129,14 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         if shard_grads:
             head_grads //= n
     layer_grads = max(grads - head_grads, 0)
+    # A tied embedding (Llama-3.2, Qwen small, Gemma) gets two gradients, from the lm_head at the start of
+    # backward and from the embedding at its end; autograd's InputBuffer holds the first and adds the
+    # second out of place, so the end of backward briefly holds three V x h tensors.
+    tied_end = 0
+    if setup.method == "full" and arch.tie_embeddings:
+        tied_end = 2 * block_size(arch.vocab_size * arch.hidden_size * g_size)
+        if shard_grads:
+            tied_end //= n
 
     # Phases: forward end (loss computed), backward start (top layer), backward end (bottom layer),
     # optimizer step.  Optimizer states exist from the first step on, so the forward/backward of the
@@ -156,6 +164,11 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         "backward_bottom": {
             "activations": bwd_bottom - layer_grads - head_grads,
             "gradients": layer_grads + head_grads,
+            "optimizer_states": states,
+        },
+        "backward_end": {
+            "activations": embed_out,
+            "gradients": grads + tied_end,
             "optimizer_states": states,
         },
         "optimizer_step": {

@@ -24,14 +24,14 @@ class TracePlan:
     weights: tuple[int, ...]  # resident base weights, load order
     adapters: tuple[int, ...]  # LoRA A/B tensors created by get_peft_model
     layers: int
-    layer_params: tuple[Shape, ...]  # trainable tensors of one layer (rows, cols)
     opt_params: tuple[Shape, ...]  # every trainable tensor, in model.parameters() order
     head_grads: tuple[int, ...]  # grads made at the lm_head backward (lm_head or tied embedding, norm)
     embed_grad: int  # untied embedding grad made last (0: frozen or tied)
-    tied_accumulate: int  # a tied embedding's second gradient, added into .grad then freed
+    tied_accumulate: int  # a tied embedding's second gradient (summed out of place with the first)
     grad_size: int  # bytes per element of grads and (for torch optimizers) states
     optimizer: str
-    layer_saved: tuple[int, ...]  # one layer's saved tensors
+    layer_saved: tuple[int, ...]  # one layer's saved tensors (forward order)
+    layer_ops: tuple[tuple[int, tuple[Shape, ...], int], ...]  # per op: saved count, param grads, grad_in
     layer_transient: tuple[int, ...]  # short-lived tensors of one layer's forward/backward
     layer_copies: tuple[int, ...]  # autocast 16-bit weight copies of one layer (amp only)
     head_copy: int  # autocast copy of the lm_head weight (amp only)
@@ -152,23 +152,32 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
         else:
             cp = copies.pop()
             layer = saved.pop()
-        tmp = [new(n) for n in plan.layer_transient]
         if plan.dequant:
             free(new(plan.dequant))
-        for rows, cols in plan.layer_params:
-            grads.append(new(rows * cols * plan.grad_size))
-        g_next = new(plan.hidden)
-        free_all(tmp)
-        free_all(layer)
+        # Autograd runs the layer's ops in reverse: each allocates its input gradient and its weights'
+        # gradients, then releases what it saved and the output gradient it consumed.
+        end = len(layer)
+        for count, params, grad_in in reversed(plan.layer_ops):
+            g_next = new(grad_in)
+            for rows, cols in params:
+                grads.append(new(rows * cols * plan.grad_size))
+            free_all(layer[end - count : end])
+            end -= count
+            free(g_hidden)
+            g_hidden = g_next
         free_all(cp)
-        free(g_hidden)
-        g_hidden = g_next
         if plan.checkpoint:
             free(inputs.pop())
     if plan.embed_grad:
         grads.append(new(plan.embed_grad))
-    if plan.tied_accumulate:
-        free(new(plan.tied_accumulate))
+    if plan.tied_accumulate and grads:
+        # A tied embedding gets its second gradient last; autograd's InputBuffer has held the lm_head
+        # part since the start of backward and adds the two out of place (`old_var + var`).
+        part = new(plan.tied_accumulate)
+        total = new(plan.tied_accumulate)
+        free(part)
+        free(grads[0])
+        grads[0] = total
     free(g_hidden)
     free_all(inputs)
     free_all(shared)
