@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.web_plot import Bar, memory_bar
-from app.web_view import fmt_gib, method_name
+from app.web_view import fmt_gib, method_name, permalink
 
 # The ranking table shows this many rows; the rest fold away behind a "show all" summary.
 RANKING_ROWS_SHOWN = 12
@@ -39,6 +39,8 @@ class ResultView:
     page_url: str
     api_url: str
     curl: str
+    pick_url: str | None = None  # this form set to the recommended setup, when that differs
+    rank_url: str | None = None  # this form with every GPU ranked, when no ranking is shown
 
 
 def _cards(n: int, name: str) -> str:
@@ -98,7 +100,18 @@ def result_view(r: Mapping[str, Any] | None, fields: Mapping[str, str], names: M
             cards.append((f"{gpu_name} · {fmt_gib(mem['vram_gib'])} GiB", float(mem["vram_gib"])))
         bar = memory_bar(mem.get("breakdown_gib") or {}, float(mem["peak_gib"]), cards)
     ranking = list(r.get("ranking") or [])
-    method = method_name(mem.get("method") or (r.get("recommendation") or {}).get("method") or "")
+    rec = r.get("recommendation") or {}
+    method = method_name(mem.get("method") or rec.get("method") or "")
     return ResultView(_verdict(r, gpu_name, n, chosen), bar, gpu_name, n, chosen, method,
                       bool(fields.get("method")), ranking[:RANKING_ROWS_SHOWN], ranking[RANKING_ROWS_SHOWN:],
-                      page_url, api_url, curl)
+                      page_url, api_url, curl, _pick_url(rec, mem, fields),
+                      None if ranking else permalink("/", {**fields, "ranking": "true"}))
+
+
+def _pick_url(rec: Mapping[str, Any], mem: Mapping[str, Any], fields: Mapping[str, str]) -> str | None:
+    """The estimate of the recommended setup, when it is not the one shown."""
+    keys = ("method", "gpu", "num_gpus", "parallelism")
+    if not rec.get("gpu") or all(rec.get(k) == mem.get(k) for k in keys):
+        return None
+    pick = {**fields, **{k: str(rec[k]) for k in keys if rec.get(k) is not None}}
+    return permalink("/", pick)

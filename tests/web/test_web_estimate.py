@@ -102,6 +102,29 @@ def test_htmx_request_gets_only_the_result_block(client: TestClient) -> None:
     assert "HX-Request" in res.headers["Vary"]
 
 
+def test_no_fit_links_to_the_recommended_setup_and_the_ranking(client: TestClient) -> None:
+    body = api(client, SEVEN_B_FULL)
+    html = client.get("/", params=SEVEN_B_FULL).text
+    rec = body["recommendation"]
+    assert body["memory"]["fits"] is False
+    assert (rec["gpu"], rec["num_gpus"]) != ("a100-80gb", 1)
+    # The pick differs from what was asked: one link opens its estimate (and its launch config).
+    pick = attr_of(html, "pick-link", "href") or ""
+    picked = client.get(pick).text
+    fields = dict(parse_qsl(urlsplit(pick).query))
+    assert fields["gpu"] == rec["gpu"] and fields["num_gpus"] == str(rec["num_gpus"])
+    assert api(client, fields)["memory"]["fits"] is True
+    assert attr_of(picked, "verdict", "data-fits") == "true"
+    assert 'id="launch-command"' in picked and 'id="launch-command"' not in html
+    # The other ranks every GPU for the same job.
+    rank = attr_of(html, "rank-link", "href") or ""
+    assert dict(parse_qsl(urlsplit(rank).query)) == {**SEVEN_B_FULL, "ranking": "true"}
+    ranked = client.get(rank).text
+    ranked_body = api(client, {**SEVEN_B_FULL, "ranking": "true"})
+    first = ranked_body["ranking"][0]
+    assert f"{first['num_gpus']}× {first['gpu_name']}" in text_by_id(ranked, "ranking-table")
+
+
 def test_plain_form_post_without_javascript(client: TestClient) -> None:
     # A browser without JavaScript posts every control: blanks, defaults, and a checkbox after its
     # hidden "false" (here: checked, so "true" comes last).
