@@ -174,29 +174,24 @@ def recommend(
 
     # 4. Nothing fits anywhere (up to 8 GPUs of any kind): say so, with the closest setup.
     method = methods[-1]
-    closest = max(rows_for(method), key=lambda r: r.headroom_bytes / max(r.vram_bytes, 1))
-    rec = Recommendation(
-        method=method,
-        gpu=None,
-        gpu_name=None,
-        num_gpus=closest.num_gpus,
-        parallelism=closest.parallelism,
-        where="cloud_spot",
-        budget_tier=_rent_tier(tiers),
-        reasons=(
-            f"No catalog GPU setup up to {max(COUNTS)} GPUs fits {method} at batch "
-            f"{setups[method].batch_size} "
-            f"× {setups[method].seq_len} tokens; the closest is {closest.num_gpus}× {closest.gpu_name} at "
+    candidates = rows_for(method)
+    setup = setups[method]
+    if candidates:
+        closest = max(candidates, key=lambda r: r.headroom_bytes / max(r.vram_bytes, 1))
+        count, parallelism = closest.num_gpus, closest.parallelism
+        why = (
+            f"No catalog GPU setup up to {max(COUNTS)} GPUs fits {method} at batch {setup.batch_size} × "
+            f"{setup.seq_len} tokens; the closest is {closest.num_gpus}× {closest.gpu_name} at "
             f"{closest.peak_bytes / 2**30:,.1f} GiB per GPU. Shorten the sequence, lower the batch, or use "
-            f"a multi-node setup (not modelled).",
-        ),
-        fits=False,
-        tokens_per_s=None,
-        hours=None,
-        usd=None,
-        price_provider=None,
-        price_kind=None,
-        usd_per_hour=None,
+            f"a multi-node setup (not modelled)."
+        )
+    else:
+        count, parallelism = setup.num_gpus, setup.parallelism
+        why = "The catalog holds no GPUs to compare: name a gpu, or load the catalog."
+    rec = Recommendation(
+        method=method, gpu=None, gpu_name=None, num_gpus=count, parallelism=parallelism, where="cloud_spot",
+        budget_tier=_rent_tier(tiers), reasons=(why,), fits=False, tokens_per_s=None, hours=None, usd=None,
+        price_provider=None, price_kind=None, usd_per_hour=None,
     )
     return rec, rankings
 

@@ -182,3 +182,8 @@ def test_whole_estimate_with_ranking_stays_fast() -> None:
     t0 = time.perf_counter()
     run("llama-3.1-70b", dataset_samples=10_000)
     assert time.perf_counter() - t0 < 0.5  # measured ~20 ms (scripts/bench_rank.py); generous for CI
+
+
+def test_empty_catalog_still_answers() -> None:
+    r = estimate(config=config("llama-3.2-1b"))
+    assert r.recommendation.gpu is None and not r.recommendation.fits and r.memory.peak_gib > 0
