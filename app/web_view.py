@@ -109,6 +109,10 @@ def normalise(values: Mapping[str, str]) -> dict[str, str]:
             text = ",".join(part.strip() for part in text.split(",") if part.strip())
         if text:
             out[name] = text
+    if "model_config" in out:
+        # The page has both controls; a pasted config.json is the more deliberate act, so it wins
+        # (the API itself refuses both at once).
+        out.pop("model", None)
     return out
 
 

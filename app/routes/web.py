@@ -76,7 +76,9 @@ def _estimate_page(
         problem["suggestions"] = [
             (slug, web_view.permalink("/", {**fields, field: slug})) for slug in problem["suggestions"]
         ]
-    models = services.models_view(session)["models"]
+    htmx = _is_htmx(request)
+    # The result block alone needs no model list (that only fills the form's datalist).
+    models = [] if htmx else services.models_view(session)["models"]
     gpus = services.gpus_view(session)["gpus"]
     names = {g["slug"]: g["name"] for g in gpus}
     page_url = web_view.permalink("/", fields)
@@ -93,7 +95,7 @@ def _estimate_page(
     }
     # The same URL answers with the page or its result block: caches must key on HX-Request.
     headers = {"Vary": "HX-Request"}
-    if _is_htmx(request):
+    if htmx:
         # The address bar follows the form, so reload, bookmark and back all show this estimate.
         headers["HX-Replace-Url"] = page_url
         return templates.TemplateResponse(request, "index.html", context, status_code=status,

@@ -204,10 +204,15 @@ def test_pasted_config_json(client: TestClient) -> None:
     config = (ROOT / "data" / "models" / "llama-3.2-1b.json").read_text()
     fields = {"model_config": config, "method": "lora", "gpu": "rtx-4070"}
     body = client.post("/api/estimate", json={**fields, "model_config": json.loads(config)}).json()
-    res = client.post("/", data=fields)
+    # The form also still has the catalog model typed in: the pasted config wins, and the permalink
+    # and the curl line carry only it, so they stay one valid API request.
+    res = client.post("/", data={**fields, "model": "llama-3.1-70b"})
     assert res.status_code == 200
     assert_numbers_match(res.text, body)
     assert 'class="paste" open' in res.text  # the pasted config stays visible
+    link = dict(parse_qsl(urlsplit(attr_of(res.text, "permalink", "href") or "").query))
+    assert "model" not in link and json.loads(link["model_config"]) == json.loads(config)
+    assert client.get("/api/estimate", params=link).json() == body
 
 
 def test_first_visit_shows_the_example(client: TestClient) -> None:
