@@ -58,44 +58,52 @@ class AllocatorSim:
 
     def malloc(self, handle: int, nbytes: int) -> None:
         """Allocate `nbytes` under `handle`."""
-        size = max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
-        self.allocated += size
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK
+        allocated = self.allocated = self.allocated + size
+        if allocated > self.peak_allocated:
+            self.peak_allocated = allocated
         if size <= SMALL_SIZE:
-            self._small += size
-            if self._small > self._small_peak:
+            small = self._small = self._small + size
+            if small > self._small_peak:
                 # the small pool reserves whole 2 MiB segments
-                grow = -(-self._small // SMALL_BUFFER) - -(-self._small_peak // SMALL_BUFFER)
-                self.reserved += grow * SMALL_BUFFER
-                self._small_peak = self._small
+                grow = -(-small // SMALL_BUFFER) - -(-self._small_peak // SMALL_BUFFER)
+                if grow:
+                    self.reserved += grow * SMALL_BUFFER
+                    if self.reserved > self.peak_reserved:
+                        self.peak_reserved = self.reserved
+                self._small_peak = small
             self._live[handle] = (-1, size)
-            self._peaks()
             return
-        i = bisect_left(self._free, (size, -1))
-        if i < len(self._free):
-            bsize, addr = self._free.pop(i)
+        free_list = self._free
+        i = bisect_left(free_list, (size, -1))
+        sizes = self._size
+        nexts = self._next
+        if i < len(free_list):
+            bsize, addr = free_list.pop(i)
         else:
             bsize = LARGE_BUFFER if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE
             addr = self._top
             self._top += bsize
             self.reserved += bsize
-            self._size[addr] = bsize
-            self._next[addr] = -1
+            if self.reserved > self.peak_reserved:
+                self.peak_reserved = self.reserved
+            sizes[addr] = bsize
+            nexts[addr] = -1
             self._prev[addr] = -1
         if bsize - size > SMALL_SIZE:
             rest = addr + size
-            nxt = self._next[addr]
-            self._size[addr] = size
-            self._size[rest] = bsize - size
+            nxt = nexts[addr]
+            sizes[addr] = size
+            sizes[rest] = bsize - size
             self._isfree[rest] = True
-            self._next[rest] = nxt
+            nexts[rest] = nxt
             self._prev[rest] = addr
-            self._next[addr] = rest
+            nexts[addr] = rest
             if nxt != -1:
                 self._prev[nxt] = rest
-            insort(self._free, (bsize - size, rest))
+            insort(free_list, (bsize - size, rest))
         self._isfree[addr] = False
         self._live[handle] = (addr, size)
-        self._peaks()
 
     def free(self, handle: int) -> None:
         """Free the allocation made under `handle`."""
@@ -134,9 +142,3 @@ class AllocatorSim:
     def _remove_free(self, addr: int) -> None:
         i = bisect_left(self._free, (self._size[addr], addr))
         del self._free[i]
-
-    def _peaks(self) -> None:
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
-        if self.reserved > self.peak_reserved:
-            self.peak_reserved = self.reserved

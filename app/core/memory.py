@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from app.core import activations as act
 from app.core.allocator import (
@@ -44,46 +45,101 @@ def _allocated(groups: list[Group]) -> int:
     return sum(block_size(b) * n for b, n in groups)
 
 
-def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
-    """Predict peak per-GPU memory (NVML used) for one training setup on one architecture."""
-    warnings: list[Notice] = []
-    assumptions: list[str] = []
+@dataclass(frozen=True)
+class _Static:
+    """What does not depend on the batch shape or GPU count: computed once per architecture/setup."""
+
+    targets: frozenset[str]
+    weight_groups: list[Group]
+    dequant_bytes: int
+    grad_size: int
+    params_trainable: int
+    train_groups: list[Group]
+    weights: int
+    adapters: int
+    grads: int
+    states: int
+    managed: int
+    step_temp: int
+    layer: act.LayerActivations
+    moe_extra: int
+    dense_mlp: int
+    logits: act.LogitsBytes
+
+
+def _shape_key(setup: TrainingSetup) -> TrainingSetup:
+    return replace(setup, batch_size=1, seq_len=1, num_gpus=1, parallelism="ddp")
+
+
+@lru_cache(maxsize=1024)
+def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
     targets = act.lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
     if setup.method != "full":
+        linear_names = {lin.name for lin in arch.linears}
         unknown = [
             t
             for t in setup.lora_targets
-            if t.lower() not in (act.ALL_LINEAR, "all_linear") and t not in {lin.name for lin in arch.linears}
+            if t.lower() not in (act.ALL_LINEAR, "all_linear") and t not in linear_names
         ]
         if unknown:
-            names = ", ".join(sorted({lin.name for lin in arch.linears}))
             raise CoreInputError(
                 "lora_targets",
-                f"{', '.join(unknown)} not a Linear module of {arch.model_type}; choose from {names}",
+                f"{', '.join(unknown)} not a Linear module of {arch.model_type}; "
+                f"choose from {', '.join(sorted(linear_names))} or all-linear",
             )
+    weight_groups, dequant_bytes = weight_tensors(arch, setup)
+    g_size = grad_size(setup)
+    trainable = trainable_groups(arch, setup, targets)
+    train_groups: list[Group] = [(t.rows * t.cols * g_size, t.n) for t in trainable]
+    opt = optimizer_bytes(setup.optimizer, ((t.rows, t.cols, g_size, t.n) for t in trainable))
+    return _Static(
+        targets=targets,
+        weight_groups=weight_groups,
+        dequant_bytes=dequant_bytes,
+        grad_size=g_size,
+        params_trainable=sum(t.rows * t.cols * t.n for t in trainable),
+        train_groups=train_groups,
+        weights=_allocated(weight_groups),
+        adapters=_allocated(train_groups) if setup.method != "full" else 0,
+        grads=_allocated(train_groups),
+        states=_allocated(list(opt.state_groups)),
+        managed=sum(managed_bytes(b) * n for b, n in opt.managed_groups),
+        step_temp=_allocated(list(opt.step_temp_groups)),
+        layer=act.layer_activations(arch, setup, targets),
+        moe_extra=act.moe_extra(arch, setup),
+        dense_mlp=act.moe_dense_mlp_saved(arch, setup),
+        logits=act.logits_bytes(arch, setup),
+    )
+
+
+def estimate_memory(
+    arch: Architecture, setup: TrainingSetup, *, fragmentation_like: TrainingSetup | None = None
+) -> MemoryEstimate:
+    """Predict peak per-GPU memory (NVML used) for one training setup on one architecture.
+
+    The allocator replay behind `allocator_fragmentation` costs milliseconds (cached per setup); a
+    search over batch sizes or lengths can pass `fragmentation_like=<the base setup>` to reuse that
+    setup's replay, scaled to this setup's allocated bytes, and stay at microseconds per call.
+    """
+    warnings: list[Notice] = []
+    assumptions: list[str] = []
+    st = _static(arch, _shape_key(setup))
+    targets = st.targets
     n = setup.num_gpus
     multi = n > 1
     dtypes = act.dtypes_for(setup)
     tokens = setup.batch_size * setup.seq_len
-
-    # --- parameters -------------------------------------------------------------------------
-    weight_groups, dequant_bytes = weight_tensors(arch, setup)
-    g_size = grad_size(setup)
-    trainable = trainable_groups(arch, setup, targets)
-    params_trainable = sum(t.rows * t.cols * t.n for t in trainable)
-    train_groups: list[Group] = [(t.rows * t.cols * g_size, t.n) for t in trainable]
+    weight_groups, dequant_bytes = st.weight_groups, st.dequant_bytes
+    g_size = st.grad_size
+    params_trainable = st.params_trainable
+    train_groups = st.train_groups
 
     shard_params = multi and setup.parallelism in ("fsdp", "zero3")
     shard_grads = multi and setup.parallelism in ("fsdp", "zero2", "zero3")
     shard_states = multi and setup.parallelism != "ddp"
 
-    weights = _allocated(weight_groups)
-    adapters = _allocated(train_groups) if setup.method != "full" else 0
-    grads = _allocated(train_groups)
-    opt = optimizer_bytes(setup.optimizer, ((t.rows, t.cols, g_size, t.n) for t in trainable))
-    states = _allocated(list(opt.state_groups))
-    managed = sum(managed_bytes(b) * n for b, n in opt.managed_groups)
-    step_temp = _allocated(list(opt.step_temp_groups))
+    weights, adapters, grads = st.weights, st.adapters, st.grads
+    states, managed, step_temp = st.states, st.managed, st.step_temp
     if shard_params:
         weights //= n
         adapters //= n
@@ -95,9 +151,9 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         step_temp //= n
 
     # --- activations --------------------------------------------------------------------------
-    layer = act.layer_activations(arch, setup, targets)
-    moe = act.moe_extra(arch, setup)
-    dense_mlp = act.moe_dense_mlp_saved(arch, setup)
+    layer = st.layer
+    moe = st.moe_extra
+    dense_mlp = st.dense_mlp
     layers_dense = arch.num_layers - arch.num_moe_layers
     saved_dense = layer.saved
     saved_moe = layer.saved - dense_mlp + moe if arch.is_moe else 0
@@ -107,7 +163,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         setup.batch_size * setup.seq_len * setup.seq_len * dtypes.attn if setup.attention == "eager" else 0
     )
     final_norm = 4 * arch.hidden_size + dtypes.residual * arch.hidden_size
-    logits = act.logits_bytes(arch, setup)
+    logits = st.logits
 
     if setup.gradient_checkpointing:
         kept_per_layer = layer.checkpoint_input * tokens
@@ -220,14 +276,16 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
-    sim_alloc, _, frag = fragmentation(arch, _single_gpu(setup), targets)
+    replayed = _single_gpu(fragmentation_like or setup)
+    sim_alloc, _, frag = fragmentation(arch, replayed, targets)
     allocated = sum(
         v
         for k, v in breakdown.items()
         if k not in ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
     )
-    if multi and sim_alloc:
-        frag = frag * min(allocated, sim_alloc) // sim_alloc
+    if sim_alloc and (multi or replayed != _single_gpu(setup)):
+        frag = frag * allocated // sim_alloc
+        assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     breakdown["allocator_fragmentation"] = frag
     peak = sum(breakdown.values())
 
@@ -271,8 +329,6 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
 def _single_gpu(setup: TrainingSetup) -> TrainingSetup:
     if setup.num_gpus == 1:
         return setup
-    from dataclasses import replace
-
     return replace(setup, num_gpus=1, parallelism="ddp")
 
 
