@@ -23,7 +23,7 @@ def _row(c: Comparison) -> dict[str, Any]:
         "settings": settings_label(c.setup),
         "measured_gib": round(c.measured_bytes / GIB, 2),
         "predicted_gib": round(c.predicted.peak_bytes / GIB, 2),
-        "error_pct": round(100 * c.error, 1),
+        "error_pct": round(100 * c.error, 1) + 0.0,  # + 0.0: no "-0.0"
         "gpu_name": c.record.get("gpu_name"),
     }
 

@@ -115,36 +115,58 @@ class Point:
 
 @dataclass(frozen=True)
 class Scatter:
-    """A square measured (x) vs predicted (y) plot with the y = x line and a ±10 % band."""
+    """A square log-log plot of measured (x) vs predicted (y), with y = x and a ±10 % band."""
 
     size: float
-    pad: float
+    left: float  # x of the y axis
+    bottom: float  # y of the x axis
+    top: float  # y of the plot's top edge (= x of its right edge, mirrored)
+    right: float
     points: list[Point]
-    ticks: list[tuple[float, str]]
+    ticks: list[tuple[float, float, str]]  # x position, y position, label
     band: str  # SVG polygon points of the ±10 % band
     ideal: tuple[float, float, float, float]
 
 
-def scatter(rows: Sequence[Mapping[str, Any]], size: float = 420, pad: float = 48) -> Scatter:
-    """Geometry of measured vs predicted peak GiB for the accuracy page."""
-    top = max([1.0, *(max(float(r["measured_gib"]), float(r["predicted_gib"])) for r in rows)]) * 1.05
-    step = nice_step(top)
-    top = math.ceil(top / step) * step
-    inner = size - 2 * pad
+# Log axes: a 10 % error is the same distance from the diagonal for a 2 GiB run and a 140 GiB one.
+_TICK_STEPS = (1, 2, 5)
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    out: list[float] = []
+    decade = 10.0 ** math.floor(math.log10(low))
+    while decade <= high:
+        out.extend(decade * m for m in _TICK_STEPS if low <= decade * m <= high)
+        decade *= 10
+    return out
+
+
+def scatter(rows: Sequence[Mapping[str, Any]], size: float = 420) -> Scatter:
+    """Geometry of measured vs predicted peak GiB for the accuracy page (log-log)."""
+    left, bottom, top, right = 56.0, size - 44.0, 12.0, size - 12.0
+    values = [float(r[k]) for r in rows for k in ("measured_gib", "predicted_gib") if float(r[k]) > 0]
+    low = min(values, default=1.0) / 1.25
+    high = max(values, default=10.0) * 1.25
+    span = math.log10(high) - math.log10(low)
+
+    def frac(v: float) -> float:
+        return (math.log10(max(v, low)) - math.log10(low)) / span
 
     def sx(v: float) -> float:
-        return pad + v / top * inner
+        return left + frac(v) * (right - left)
 
     def sy(v: float) -> float:
-        return size - pad - v / top * inner
+        return bottom - frac(v) * (bottom - top)
 
     points = [
         Point(sx(float(r["measured_gib"])), sy(float(r["predicted_gib"])), str(r.get("method", "")),
-              f"{r.get('model')} {r.get('method')} {r.get('settings', '')}: "
+              f"{r.get('run_id')} {r.get('model')} {r.get('method')} {r.get('settings', '')}: "
               f"measured {r['measured_gib']:.2f}, predicted {r['predicted_gib']:.2f} GiB")
         for r in rows
     ]
-    ticks = [(i * step, f"{i * step:g}") for i in range(round(top / step) + 1)]
-    corners = ((0, 0), (top / 1.1, top), (top, top), (top, top * 0.9))
-    band = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in corners)
-    return Scatter(size, pad, points, [(sx(v), t) for v, t in ticks], band, (sx(0), sy(0), sx(top), sy(top)))
+    ticks = [(sx(v), sy(v), f"{v:g}") for v in _log_ticks(low, high)]
+    upper = [(v, v * 1.1) for v in (low, high / 1.1)]
+    lower = [(v, v * 0.9) for v in (high, low / 0.9)]
+    band = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in [*upper, *lower])
+    ideal = (sx(low), sy(low), sx(high), sy(high))
+    return Scatter(size, left, bottom, top, right, points, ticks, band, ideal)
