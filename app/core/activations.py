@@ -31,18 +31,38 @@ class Dtypes:
 
 def dtypes_for(setup: TrainingSetup) -> Dtypes:
     """Which dtype each stream has under the reference stack."""
+    amp = setup.precision in ("amp_bf16", "amp_fp16")
     if setup.method == "qlora":
         # prepare_model_for_kbit_training casts every non-4bit parameter (embedding, norms, lm_head)
         # to fp32, so the residual stream is fp32; Linear4bit computes in bf16 and casts its output
         # back to the input dtype (`.to(inp_dtype)` in bnb Linear4bit.forward): fp32 downstream.
-        return Dtypes(4, 4, 4, 4, False, False)
+        # Under autocast, SDPA and the fp32 lm_head run on 16-bit casts (run b-architectures-035).
+        return Dtypes(4, 4, 2 if amp else 4, 2 if amp else 4, amp, False)
     full = setup.method == "full"
-    if setup.precision in ("amp_bf16", "amp_fp16"):
+    if amp:
         # fp32 weights under autocast: matmuls produce 16-bit outputs, the residual adds promote
         # back to fp32 (fp32 embedding + 16-bit projection), RMSNorm computes in fp32.
         return Dtypes(4, 2, 2, 2, True, full)
     size = 4 if setup.precision == "fp32" else 2
     return Dtypes(size, size, size, size, False, full)
+
+
+def sdpa_math(arch: Architecture, setup: TrainingSetup) -> bool:
+    """Whether SDPA falls back to its math kernel, which materializes the attention probabilities.
+
+    transformers passes enable_gqa=True for grouped k/v heads (integrations/sdpa_attention.py); in
+    torch 2.11 flash attention takes only fp16/bf16 and the memory-efficient kernel takes no GQA, so
+    fp32 attention with GQA (QLoRA's fp32 stream, fp32 training) runs `_scaled_dot_product_attention_math`
+    and keeps softmax(QK^T) for backward (runs b-architectures-022/023/026: +b x heads x s^2 x 4 bytes
+    per layer).  Multi-head fp32 attention takes the memory-efficient kernel instead.
+    """
+    d = dtypes_for(setup)
+    return setup.attention == "sdpa" and d.attn == 4 and arch.num_kv_heads < arch.num_heads
+
+
+def flash_kernels(arch: Architecture, setup: TrainingSetup) -> bool:
+    """Whether the run loads flash-attention kernels (16-bit SDPA or flash_attention_2)."""
+    return setup.attention != "eager" and dtypes_for(setup).attn != 4
 
 
 def lora_target_names(arch: Architecture, targets: tuple[str, ...]) -> frozenset[str]:
@@ -112,7 +132,6 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
         if full:
             t.extend([2 * h] * consumers if d.autocast else [res * h])
 
-
     # LoRA: peft casts x to the adapter dtype (fp32) per wrapped module (`_cast_input_dtype`): a new
     # fp32 copy per module for a 16-bit x, the same tensor for an fp32 x.  Under autocast lora_A then
     # casts to 16-bit, again once per module.  lora_B saves lora_A's output (rank wide).
@@ -150,7 +169,15 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     scores_saved = 0
     scores_transient = 0
     op("attention", (), att * (q + 2 * kv))
-    if not eager:
+    math = sdpa_math(arch, setup)
+    if math:
+        # `_scaled_dot_product_attention_math`: q * sqrt(scale), repeat_interleave'd k * sqrt(scale)
+        # and v are saved by the matmuls; softmax's output (scores) too; the pre-softmax product is
+        # transient.
+        t.extend([4 * q, 4 * q, 4 * q])
+        scores_saved = 4
+        scores_transient = 4
+    elif not eager:
         t.extend([att * q, att * kv, att * kv, att * q, 4 * arch.num_heads])
         if arch.fused_qkv:
             # Phi-3: v is a view of the fused qkv_proj output, so saving v keeps all q+2kv of it alive.
@@ -169,10 +196,10 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
         scores_transient = 2 * att + 4
 
     op("o_proj", ("o_proj",), att * q)
-    if eager and (full or "o_proj" in targets):
+    if (eager or math) and (full or "o_proj" in targets):
         t.append(att * q)
     # SDPA's output is o_proj's input and is saved by SDPA already (its transpose is contiguous).
-    lora(q, d.attn, ("o_proj",), not eager)
+    lora(q, d.attn, ("o_proj",), not (eager or math))
     if gemma:
         norm("post_attention_layernorm")
         norm("pre_feedforward_layernorm")

@@ -31,7 +31,7 @@ DEFAULT_CONTEXT_FAMILY = "hopper"
 # module loading brings in on first use, and cuBLAS/cuBLASLt handles.  Measured on the H200 as
 # nvml_peak_used - torch_peak_reserved - cuda_context_bytes: 138,412,032 bytes with eager attention
 # (runs a-llama-3.2-1b-sweeps-009/010), 155,189,248 with SDPA (the other 13 runs): the flash-attention
-# kernels add 16 MiB.
+# kernels add 16 MiB; QLoRA's fp32 attention loads none either (b-architectures-004/007/010: 138,412,032).
 KERNELS_BASE_BYTES = 138_412_032
 FLASH_KERNELS_BYTES = 155_189_248 - 138_412_032
 
@@ -72,10 +72,9 @@ def managed_bytes(nbytes: int) -> int:
     return -(-nbytes // MANAGED_PAGE) * MANAGED_PAGE
 
 
-def kernel_bytes(setup: object) -> int:
-    """Lazily loaded kernels and library handles outside the allocator, for the attention used."""
-    attention = getattr(setup, "attention", "sdpa")
-    return KERNELS_BASE_BYTES + (FLASH_KERNELS_BYTES if attention != "eager" else 0)
+def kernel_bytes(flash: bool) -> int:
+    """Lazily loaded kernels and library handles outside the allocator (flash attention or not)."""
+    return KERNELS_BASE_BYTES + (FLASH_KERNELS_BYTES if flash else 0)
 
 
 def cuda_context_bytes(family: str | None = None) -> int:

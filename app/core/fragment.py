@@ -24,7 +24,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
 
     la = act.layer_activations(arch, setup, targets)
     by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
-    ops: list[tuple[int, tuple[Shape, ...], int]] = []
+    ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]] = []
     layer_params: list[Shape] = []
     adapters: list[int] = []
     for o in la.ops:
@@ -47,7 +47,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
             e, mi = arch.num_experts, arch.moe_intermediate_size
             shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
         extra = 0
-        ops.append((len(o.saved) + extra, tuple(shapes), o.grad_in * tok))
+        ops.append((len(o.saved) + extra, tuple(shapes), o.grad_in * tok, ()))
         layer_params.extend(shapes)
     if full:
         opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
@@ -62,22 +62,33 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     shared = [2 * setup.seq_len * arch.head_dim * d.residual]  # RoPE cos/sin
     attn_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("attention") + 1])
     act_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("act") + 1])
-    if setup.attention == "eager":
-        scores_saved = [4 * scores, d.attn * scores] if d.attn != 4 else [4 * scores]
+    if la.attn_scores_saved:
+        scores_saved = (
+            [4 * scores, d.attn * scores] if d.attn != 4 and setup.attention == "eager" else [4 * scores]
+        )
         saved[attn_at:attn_at] = scores_saved
         act_at += len(scores_saved)
         _grow(ops, "attention", la, len(scores_saved))
-        transient = [d.attn * scores, d.attn * scores, 4 * scores, *transient]
-        shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
+        # backward through softmax(QK^T)V: the probabilities' gradient and the scores' gradient
+        # (eager also casts between bf16 and fp32 on the way)
+        i = [o.name for o in la.ops].index("attention")
+        scratch = [4 * scores, 4 * scores] + ([d.attn * scores] if setup.attention == "eager" else [])
+        ops[i] = (*ops[i][:3], tuple(scratch))
+        if setup.attention == "eager":
+            transient = [d.attn * scores, d.attn * scores, 4 * scores, *transient]
+            shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
+        else:  # SDPA math: the pre-softmax product and an s x s float causal mask
+            transient = [4 * scores, 4 * setup.seq_len * setup.seq_len, *transient]
     if arch.is_moe:
         saved[act_at:act_at] = [act.moe_extra(arch, setup) * tok]
         _grow(ops, "act", la, 1)
 
     copies: list[int] = []
     head_copy = 0
-    if d.autocast and setup.method != "qlora":
-        for lin in arch.linears:
-            copies.extend([2 * lin.weight_numel] * (lin.layers // L))
+    if d.autocast:
+        if setup.method != "qlora":  # bnb's uint8 weights are not autocast
+            for lin in arch.linears:
+                copies.extend([2 * lin.weight_numel] * (lin.layers // L))
         head_copy = 2 * v * h
     lg = d.logits
     weights_dtype = param_bytes(setup)
@@ -115,11 +126,16 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     )
 
 
-def _grow(ops: list[tuple[int, tuple[Shape, ...], int]], name: str, la: act.LayerActivations, k: int) -> None:
-    """Give op `name` k more saved tensors (eager scores, MoE routing buffers)."""
+def _grow(
+    ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]],
+    name: str,
+    la: act.LayerActivations,
+    k: int,
+) -> None:
+    """Give op `name` k more saved tensors (attention scores, MoE routing buffers)."""
     i = [o.name for o in la.ops].index(name)
-    count, params, grad_in = ops[i]
-    ops[i] = (count + k, params, grad_in)
+    count, params, grad_in, scratch = ops[i]
+    ops[i] = (count + k, params, grad_in, scratch)
 
 
 @lru_cache(maxsize=4096)

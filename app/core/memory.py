@@ -238,13 +238,13 @@ def estimate_memory(
         for name in ("forward", "backward_top", "backward_bottom"):
             # bnb MatMul4Bit dequantizes the whole weight to bf16 for the matmul (and again in backward).
             phases[name]["qlora_dequant_workspace"] = dequant_bytes
-    if dtypes.autocast and setup.method != "qlora":
+    if dtypes.autocast:
         _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
     best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
 
     breakdown: dict[str, int] = {
         "cuda_context": cuda_context_bytes(),
-        "cuda_kernels_and_handles": kernel_bytes(setup),
+        "cuda_kernels_and_handles": kernel_bytes(act.flash_kernels(arch, setup)),
         "weights": weights,
     }
     if adapters:
@@ -344,8 +344,9 @@ def _autocast_copies(
     layers recompute theirs one at a time), but full fine-tuning still holds the whole cache at the
     end of the forward.
     """
-    lin = sum(x.weight_numel * x.layers for x in arch.linears)
-    layer_max = max(sum(x.weight_numel for x in arch.linears) // 1, 1)
+    # bnb Linear4bit layers are not autocast (their weight is uint8): only the lm_head is copied.
+    lin = 0 if setup.method == "qlora" else sum(x.weight_numel * x.layers for x in arch.linears)
+    layer_max = 0 if setup.method == "qlora" else sum(x.weight_numel for x in arch.linears)
     head = arch.vocab_size * arch.hidden_size * 2 // shard
     all_layers = 2 * lin // shard
     one_layer = 2 * layer_max // shard

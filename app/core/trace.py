@@ -33,7 +33,8 @@ class TracePlan:
     grad_size: int  # bytes per element of grads and (for torch optimizers) states
     optimizer: str
     layer_saved: tuple[int, ...]  # one layer's saved tensors (forward order)
-    layer_ops: tuple[tuple[int, tuple[Shape, ...], int], ...]  # per op: saved count, param grads, grad_in
+    layer_ops: tuple[tuple[int, tuple[Shape, ...], int, tuple[int, ...]], ...]  # per op: saved count,
+    # weight gradients, input gradient, and the short-lived tensors of its backward
     layer_transient: tuple[int, ...]  # short-lived tensors of one layer's forward/backward
     layer_copies: tuple[int, ...]  # autocast 16-bit weight copies of one layer (amp only)
     head_copy: int  # autocast copy of the lm_head weight (amp only)
@@ -159,8 +160,10 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
         # Autograd runs the layer's ops in reverse: each allocates its input gradient and its weights'
         # gradients, then releases what it saved and the output gradient it consumed.
         end = len(layer)
-        for count, params, grad_in in reversed(plan.layer_ops):
+        for count, params, grad_in, scratch in reversed(plan.layer_ops):
+            tmp = [new(n) for n in scratch]
             g_next = new(grad_in)
+            free_all(tmp)
             for rows, cols in params:
                 grads.append(new(rows * cols * plan.grad_size))
             free_all(layer[end - count : end])
