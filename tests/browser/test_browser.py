@@ -124,6 +124,17 @@ def test_rank_all_gpus_and_error_in_place(server: str, open_browser: Any, artifa
     page.click("#result .problem a:text('llama-3.1-8b')")
     fields = {"model": "llama-3.1-8b", "dataset_samples": "10000"}
     wait_for_result(page, fields, api(server, fields))
+
+    # Naming a card drops the ranking; the checkbox brings it back for that card's job.
+    page.select_option("#f-gpu", "rtx-4090")
+    fields["gpu"] = "rtx-4090"
+    wait_for_result(page, fields, api(server, fields))
+    assert page.locator("#ranking-table").count() == 0
+    page.check("#f-ranking")
+    fields["ranking"] = "true"
+    ranked = api(server, fields)
+    wait_for_result(page, fields, ranked)
+    assert page.locator("#ranking-table tbody tr").count() == min(12, len(ranked["ranking"]))
     assert errors == [] or all("404" in e for e in errors), errors
 
 
