@@ -158,7 +158,11 @@ def run_batch(name: str, specs: list[RunSpec], out: Path, command: str, *, devic
             from app.measure.worker import child_entry
 
             line, why = None, ckpt_error
-            if not ckpt_error:
+            if not ckpt_error and spec.num_gpus > 1:
+                from app.measure.distributed import launch
+
+                line, why = launch(job, res, run_timeout_s)
+            elif not ckpt_error:
                 line, why = _in_child(child_entry, (spec.inputs(), str(ckpt), use_cuda, meta, str(res)),
                                       res, isolation, run_timeout_s, job)
             if line is None:

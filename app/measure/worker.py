@@ -80,8 +80,21 @@ class _Stage:
         yield
 
 
-def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any]) -> dict[str, Any]:
+class Hooks:
+    """Where a multi-GPU run plugs in: after the device exists, and after the model is set up."""
+
+    def after_device(self, device: torch.device) -> None:
+        """Called once the device (and its CUDA context) exists."""
+
+    def wrap(self, model: Any) -> Any:
+        """Return the model to train (e.g. sharded); the default trains it as it is."""
+        return model
+
+
+def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any], index: int = 0,
+            hooks: Hooks | None = None) -> dict[str, Any]:
     """Run one setup for spec.steps steps and return its JSON line (status ok, oom or error)."""
+    hooks = hooks or Hooks()
     t_start = time.perf_counter()
     line: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **meta, **spec.inputs()}
     line.update(status="error", error=None, failed_stage=None, pid=os.getpid(), versions=versions())
@@ -95,13 +108,14 @@ def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any]) -> 
     try:
         with stage("cuda_init"):
             if use_cuda:
-                device, sampler, facts = start_cuda(0)
+                device, sampler, facts = start_cuda(index)
                 probe = CudaProbe(device, sampler)
                 line.update(facts)
             else:
                 device = torch.device("cpu")
                 line.update(gpu_name=None, gpu_total_memory=None, driver=None, nvml_baseline_used=None,
                             cuda_context_bytes=None)
+            hooks.after_device(device)
             torch.manual_seed(spec.seed)
         with stage("load"):
             t0 = time.perf_counter()
@@ -112,6 +126,10 @@ def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any]) -> 
             model = apply_training_setup(model, spec, settings)
             stages["peft"] = probe.reading()
         line["params_total"], line["params_trainable"] = count_params(model)
+        if spec.num_gpus > 1:
+            with stage("shard"):
+                model = hooks.wrap(model)
+                stages["shard"] = probe.reading()
         params = [p for p in model.parameters() if p.requires_grad]
         with stage("optimizer_init"):
             opt, opt_desc = build_optimizer(spec, params)
