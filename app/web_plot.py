@@ -143,7 +143,8 @@ def _log_ticks(low: float, high: float) -> list[float]:
 
 def scatter(rows: Sequence[Mapping[str, Any]], size: float = 420) -> Scatter:
     """Geometry of measured vs predicted peak GiB for the accuracy page (log-log)."""
-    left, bottom, top, right = 56.0, size - 44.0, 12.0, size - 12.0
+    left, right, bottom = 56.0, size - 12.0, size - 44.0
+    top = bottom - (right - left)  # a square plot area: the diagonal is at 45 degrees
     values = [float(r[k]) for r in rows for k in ("measured_gib", "predicted_gib") if float(r[k]) > 0]
     low = min(values, default=1.0) / 1.25
     high = max(values, default=10.0) * 1.25
