@@ -130,12 +130,15 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, b"\r\nconnection: close" in lower
 
 
-async def _connection(port: int, request: bytes, start_at: float, end_at: float, tally: Tally) -> None:
+async def _connection(port: int, requests: list[bytes], first: int, start_at: float, end_at: float,
+                      tally: Tally) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    index = first
     try:
         while (sent := time.monotonic()) < end_at:
-            writer.write(request)
+            writer.write(requests[index % len(requests)])
+            index += 1
             try:
                 status, closing = await _read_response(reader)
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError, ValueError) as exc:
@@ -162,20 +165,23 @@ async def _connection(port: int, request: bytes, start_at: float, end_at: float,
             await writer.wait_closed()
 
 
-def _client_main(port: int, path: str, connections: int, start_at: float, end_at: float,
+def _client_main(port: int, paths: list[str], first: int, connections: int, start_at: float, end_at: float,
                  out: multiprocessing.connection.Connection) -> None:
     """One client process: `connections` keep-alive connections until `end_at`; sends back a Tally."""
     with contextlib.suppress(ImportError):
         import uvloop  # a faster event loop keeps the client further from being the bottleneck
 
         uvloop.install()
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAccept: */*\r\n\r\n".encode()
+    head = f"HTTP/1.1\r\nHost: {HOST}:{port}\r\nAccept: */*\r\n\r\n"
+    requests = [f"GET {path} {head}".encode() for path in paths]
     tally = Tally()
     cpu0 = time.process_time()
 
     async def run() -> None:
-        await asyncio.gather(*(_connection(port, request, start_at, end_at, tally)
-                               for _ in range(connections)))
+        # Connections start at spread-out offsets so that, with many paths, each sends different ones.
+        step = max(1, len(requests) // max(1, connections))
+        await asyncio.gather(*(_connection(port, requests, first + k * step, start_at, end_at, tally)
+                               for k in range(connections)))
 
     asyncio.run(run())
     tally.cpu_s = time.process_time() - cpu0
@@ -183,8 +189,8 @@ def _client_main(port: int, path: str, connections: int, start_at: float, end_at
     out.close()
 
 
-def run_round(port: int, path: str, duration: float, connections: int, clients: int) -> list[Tally]:
-    """Drive `path` for `duration` seconds from `clients` processes; returns their tallies."""
+def run_round(port: int, paths: list[str], duration: float, connections: int, clients: int) -> list[Tally]:
+    """Drive `paths` (cycled) for `duration` seconds from `clients` processes; returns their tallies."""
     ctx = multiprocessing.get_context("fork")
     start_at = time.monotonic() + 0.3  # every process connects first, then all start together
     end_at = start_at + duration
@@ -192,7 +198,9 @@ def run_round(port: int, path: str, duration: float, connections: int, clients: 
     for i in range(clients):
         share = connections // clients + (1 if i < connections % clients else 0)
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_client_main, args=(port, path, share, start_at, end_at, send), daemon=True)
+        first = i * len(paths) // clients
+        proc = ctx.Process(target=_client_main, args=(port, paths, first, share, start_at, end_at, send),
+                           daemon=True)
         proc.start()
         send.close()
         procs.append((proc, recv))
@@ -307,7 +315,7 @@ def measure_ceiling(duration: float, connections: int, clients: int) -> Phase:
         phase = Phase("fixed 200 (client ceiling)")
         assert server.pid is not None
         cpu0 = _cpu_seconds(server.pid)
-        tallies = run_round(port, "/", duration, connections, clients)
+        tallies = run_round(port, ["/"], duration, connections, clients)
         cpu1 = _cpu_seconds(server.pid)
         phase.add(tallies, duration, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
         return phase
@@ -331,17 +339,25 @@ def check_estimate(port: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole measurement; returns the report."""
     phases = {HEALTHZ: Phase(HEALTHZ), ESTIMATE: Phase(ESTIMATE)}
+    paths = {HEALTHZ: [HEALTHZ], ESTIMATE: [ESTIMATE]}
+    if args.vary:
+        # Distinct batch/seq pairs defeat the core's per-shape caches: the cost of a first-time request.
+        name = f"/api/estimate ({args.vary} distinct)"
+        phases[name] = Phase(name)
+        paths[name] = [ESTIMATE.replace("batch_size=4&seq_len=512",
+                                        f"batch_size={1 + i % 32}&seq_len={128 + 16 * (i // 32)}")
+                       for i in range(args.vary)]
     with tempfile.TemporaryDirectory(prefix="tunefit-loadlog-") as logdir, \
             tunefit_server(Path(logdir) / "server.log") as (port, pid):
         checked = check_estimate(port)
-        for path in phases:  # warm-up: pools, caches, first-call imports; not counted
-            run_round(port, path, args.warmup, args.connections, args.clients)
+        for path in (HEALTHZ, ESTIMATE):  # warm-up: pools, caches, first-call imports; not counted
+            run_round(port, paths[path], args.warmup, args.connections, args.clients)
         for round_no in range(args.rounds):
             # ABBA order: a load drift on this machine during the run hits both endpoints alike.
             order = list(phases.items()) if round_no % 2 == 0 else list(reversed(phases.items()))
             for path, phase in order:
                 cpu0 = _cpu_seconds(pid)
-                tallies = run_round(port, path, args.duration, args.connections, args.clients)
+                tallies = run_round(port, paths[path], args.duration, args.connections, args.clients)
                 cpu1 = _cpu_seconds(pid)
                 phase.add(tallies, args.duration, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
     report: dict[str, Any] = {
@@ -355,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["ratio"] = round(estimate.rps / health.rps, 3) if health.rps else 0.0
     cpu_health, cpu_estimate = (p.summary()["server_cpu_ms_per_request"] for p in (health, estimate))
     report["cpu_ratio"] = round(cpu_health / cpu_estimate, 3) if cpu_health and cpu_estimate else None
-    report["errors"] = health.errors + estimate.errors
+    report["errors"] = sum(p.errors for p in phases.values())
     report["passed"] = report["ratio"] >= REQUIRED_RATIO and report["errors"] == 0 and estimate.ok > 0
     return report
 
@@ -389,10 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1, help="client processes sharing the connections")
     parser.add_argument("--ceiling", type=float, default=3.0,
                         help="seconds against a do-nothing server to show the client's ceiling (0: skip)")
+    parser.add_argument("--vary", type=int, default=0,
+                        help="also time N distinct estimates (cold core caches); not in the ratio")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if not (0 < args.duration <= 60 and 1 <= args.rounds <= 20 and 1 <= args.connections <= 512
-            and 1 <= args.clients <= 16 and 0 <= args.ceiling <= 60 and 0 <= args.warmup <= 30):
+            and 1 <= args.clients <= 16 and 0 <= args.ceiling <= 60 and 0 <= args.warmup <= 30
+            and 0 <= args.vary <= 100_000):
         parser.error("out of bounds: duration (0, 60], rounds 1-20, connections 1-512, clients 1-16")
     report = run(args)
     if args.json:
