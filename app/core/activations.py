@@ -47,7 +47,18 @@ def dtypes_for(setup: TrainingSetup) -> Dtypes:
     return Dtypes(size, size, size, size, False, full)
 
 
-def sdpa_math(arch: Architecture, setup: TrainingSetup) -> bool:
+def masked_sliding(arch: Architecture, setup: TrainingSetup) -> bool:
+    """Whether windowed layers get a materialized mask: transformers skips it (is_causal) only while the
+    sequence is shorter than the window (masking_utils `_ignore_causal_mask_sdpa`)."""
+    return (
+        setup.attention == "sdpa"
+        and arch.sliding_layers > 0
+        and arch.sliding_window is not None
+        and setup.seq_len >= arch.sliding_window
+    )
+
+
+def sdpa_math(arch: Architecture, setup: TrainingSetup, masked: bool = False) -> bool:
     """Whether SDPA falls back to its math kernel, which materializes the attention probabilities.
 
     transformers passes enable_gqa=True for grouped k/v heads (integrations/sdpa_attention.py); in
@@ -57,7 +68,7 @@ def sdpa_math(arch: Architecture, setup: TrainingSetup) -> bool:
     per layer).  Multi-head fp32 attention takes the memory-efficient kernel instead.
     """
     d = dtypes_for(setup)
-    return setup.attention == "sdpa" and d.attn == 4 and arch.num_kv_heads < arch.num_heads
+    return setup.attention == "sdpa" and not masked and d.attn == 4 and arch.num_kv_heads < arch.num_heads
 
 
 def flash_kernels(arch: Architecture, setup: TrainingSetup) -> bool:
@@ -96,8 +107,15 @@ class LayerOp:
     grad_in: int  # bytes per token of the gradient it returns to the op before it
 
 
-def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> LayerActivations:
-    """Per-token bytes of one dense decoder layer (MoE layers add `moe_extra`)."""
+def layer_activations(
+    arch: Architecture, setup: TrainingSetup, targets: frozenset[str], masked: bool = False
+) -> LayerActivations:
+    """Per-token bytes of one dense decoder layer (MoE layers add `moe_extra`).
+
+    `masked`: the layer attends through a materialized (sliding-window) mask, so transformers repeats
+    k/v to full head width (`use_gqa_in_sdpa` needs no mask) and SDPA takes its memory-efficient kernel,
+    which keeps the mask converted to an additive bias (b x s x s, counted by the caller).
+    """
     d = dtypes_for(setup)
     h, q, kv, i = arch.hidden_size, arch.q_width, arch.kv_width, arch.intermediate_size
     r = setup.lora_rank if setup.method != "full" else 0
@@ -169,7 +187,7 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
     scores_saved = 0
     scores_transient = 0
     op("attention", (), att * (q + 2 * kv))
-    math = sdpa_math(arch, setup)
+    math = sdpa_math(arch, setup, masked)
     if math:
         # `_scaled_dot_product_attention_math`: q * sqrt(scale), repeat_interleave'd k * sqrt(scale)
         # and v are saved by the matmuls; softmax's output (scores) too; the pre-softmax product is
@@ -178,7 +196,8 @@ def layer_activations(arch: Architecture, setup: TrainingSetup, targets: frozens
         scores_saved = 4
         scores_transient = 4
     elif not eager:
-        t.extend([att * q, att * kv, att * kv, att * q, 4 * arch.num_heads])
+        kv_saved = q if masked else kv
+        t.extend([att * q, att * kv_saved, att * kv_saved, att * q, 4 * arch.num_heads])
         if arch.fused_qkv:
             # Phi-3: v is a view of the fused qkv_proj output, so saving v keeps all q+2kv of it alive.
             t[-3] = out * (q + 2 * kv)

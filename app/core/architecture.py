@@ -99,6 +99,7 @@ class Architecture:
     final_logit_softcapping: float | None
     attn_logit_softcapping: float | None
     sliding_window: int | None
+    sliding_layers: int  # layers whose attention is windowed (a materialized mask beyond the window)
     max_position_embeddings: int
     linears: tuple[Linear, ...]
     params_total: int
@@ -305,7 +306,8 @@ def parse_config(config: Mapping[str, Any]) -> Architecture:
         attn_logit_softcapping=_opt_float(
             cfg, "attn_logit_softcapping", 50.0 if family == "gemma2" else None
         ),
-        sliding_window=_opt_sliding(cfg),
+        sliding_window=_opt_sliding(cfg, family),
+        sliding_layers=_sliding_layers(cfg, family, layers),
         max_position_embeddings=_int(cfg, "max_position_embeddings", 4096, high=1 << 40),
         linears=tuple(lins),
         params_total=0,
@@ -323,11 +325,32 @@ def parse_config(config: Mapping[str, Any]) -> Architecture:
     return _replace_counts(arch, total, total - inactive)
 
 
-def _opt_sliding(cfg: Mapping[str, Any]) -> int | None:
+def _opt_sliding(cfg: Mapping[str, Any], family: str) -> int | None:
+    # Qwen configs carry a sliding_window that only applies with use_sliding_window
+    # (configuration_qwen2.py / qwen3: `sliding_window if use_sliding_window else None`).
+    if family.startswith("qwen") and not cfg.get("use_sliding_window", False):
+        return None
     value = cfg.get("sliding_window")
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
+
+
+def _sliding_layers(cfg: Mapping[str, Any], family: str, layers: int) -> int:
+    """How many layers attend within the window (transformers 5.17 `layer_types` defaults)."""
+    if _opt_sliding(cfg, family) is None:
+        return 0
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return sum(1 for t in types if t == "sliding_attention")
+    if family == "gemma2":  # configuration_gemma2: sliding when (i + 1) % 2
+        return (layers + 1) // 2
+    if family == "gemma3_text":  # configuration_gemma3: sliding unless (i + 1) % pattern == 0
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        return layers - layers // max(pattern, 1)
+    if family.startswith("qwen"):  # layers from max_window_layers on use the window
+        return max(0, layers - int(cfg.get("max_window_layers") or layers))
+    return layers
 
 
 def _replace_counts(arch: Architecture, total: int, active: int) -> Architecture:

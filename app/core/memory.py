@@ -62,6 +62,7 @@ class _Static:
     managed: int
     step_temp: int
     layer: act.LayerActivations
+    layer_masked: act.LayerActivations
     moe_extra: int
     dense_mlp: int
     logits: act.LogitsBytes
@@ -106,6 +107,7 @@ def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
         managed=sum(managed_bytes(b) * n for b, n in opt.managed_groups),
         step_temp=_allocated(list(opt.step_temp_groups)),
         layer=act.layer_activations(arch, setup, targets),
+        layer_masked=act.layer_activations(arch, setup, targets, masked=True),
         moe_extra=act.moe_extra(arch, setup),
         dense_mlp=act.moe_dense_mlp_saved(arch, setup),
         logits=act.logits_bytes(arch, setup),
@@ -155,24 +157,37 @@ def estimate_memory(
     moe = st.moe_extra
     dense_mlp = st.dense_mlp
     layers_dense = arch.num_layers - arch.num_moe_layers
-    saved_dense = layer.saved
-    saved_moe = layer.saved - dense_mlp + moe if arch.is_moe else 0
-    layer_saved_max = max(saved_dense if layers_dense else 0, saved_moe)
+    moe_delta = moe - dense_mlp if arch.is_moe else 0
     scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
-    eager_mask = (
-        setup.batch_size * setup.seq_len * setup.seq_len * dtypes.attn if setup.attention == "eager" else 0
-    )
+    square = setup.batch_size * setup.seq_len * setup.seq_len
+    eager_mask = square * dtypes.attn if setup.attention == "eager" else 0
+    # Windowed layers beyond the window attend through a materialized mask: transformers builds one
+    # bool mask per forward (shared), and each such layer's SDPA keeps it as an additive bias.
+    n_masked = arch.sliding_layers if act.masked_sliding(arch, setup) else 0
+    masked = st.layer_masked
+    shared_mask = square if n_masked else 0
+    layer_kinds = [
+        (n, lay.saved * tokens + lay.attn_scores_saved * scores + bias)
+        for n, lay, bias in (
+            (arch.num_layers - n_masked, layer, 0),
+            (n_masked, masked, square * dtypes.attn),
+        )
+        if n
+    ]
+    moe_share = arch.num_moe_layers / arch.num_layers if arch.num_layers else 0.0
+    layer_saved_max = max(b for _, b in layer_kinds) + (moe_delta * tokens if arch.num_moe_layers else 0)
+    del layers_dense
     final_norm = 4 * arch.hidden_size + dtypes.residual * arch.hidden_size
     logits = st.logits
 
     if setup.gradient_checkpointing:
         kept_per_layer = layer.checkpoint_input * tokens
-        kept_all = arch.num_layers * kept_per_layer + eager_mask
-        recompute = layer_saved_max * tokens + layer.attn_scores_saved * scores
+        kept_all = arch.num_layers * kept_per_layer + eager_mask + shared_mask
+        recompute = layer_saved_max
     else:
-        kept_all = (layers_dense * saved_dense + arch.num_moe_layers * saved_moe) * tokens
-        kept_all += arch.num_layers * layer.attn_scores_saved * scores + eager_mask
-        kept_per_layer = layer_saved_max * tokens + layer.attn_scores_saved * scores
+        kept_all = sum(k * b for k, b in layer_kinds) + int(arch.num_layers * moe_share * moe_delta * tokens)
+        kept_all += eager_mask + shared_mask
+        kept_per_layer = layer_saved_max
         recompute = 0
     transient = layer.transient * tokens + layer.attn_scores_transient * scores
     embed_out = dtypes.residual * arch.hidden_size * tokens
