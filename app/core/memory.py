@@ -283,11 +283,21 @@ def estimate_memory(
         # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
         breakdown["ddp_buckets"] = _allocated(train_groups)
     if shard_params:
-        # FSDP / ZeRO-3 gather one layer's full parameters at a time (plus one prefetched).
-        per_layer = (
-            sum(b * c for b, c in weight_groups) - arch.embedding_params * param_bytes(setup)
-        ) // max(arch.num_layers, 1)
-        breakdown["gathered_params"] = 2 * per_layer
+        # FSDP2 (`fully_shard` per decoder layer, then the root, as the harness's distributed.py does):
+        # a layer's parameters are all-gathered for its forward and again for its backward, with the
+        # next layer prefetched (two unsharded layers), and the backward also holds the layer's
+        # unsharded gradients before their reduce-scatter.  The root's own parameters (embedding,
+        # final norm, lm_head) stay unsharded from the forward to the backward.
+        full_weights = sum(b * c for b, c in weight_groups)
+        head = arch.embedding_params + arch.lm_head_params
+        layer_weights = (full_weights - head * param_bytes(setup)) // max(arch.num_layers, 1)
+        layer_grads = (grads * n - (head * g_size if setup.method == "full" else 0)) // max(
+            arch.num_layers, 1
+        )
+        root = (
+            head * param_bytes(setup) * (n - 1) // n if setup.method != "qlora" else head * 4 * (n - 1) // n
+        )
+        breakdown["gathered_params"] = 2 * layer_weights + root + layer_grads
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
@@ -302,6 +312,16 @@ def estimate_memory(
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     breakdown["allocator_fragmentation"] = frag
+    if shard_params:
+        # Every rank first loads the whole model (from_pretrained) and only then shards it: the
+        # caching allocator keeps those segments, so nvidia-smi never shows less than the full load.
+        floor = (
+            breakdown["cuda_context"]
+            + breakdown["cuda_kernels_and_handles"]
+            + _allocated(weight_groups)
+            + CUBLAS_WORKSPACE_BYTES
+        )
+        breakdown["cached_full_model_load"] = max(0, floor - sum(breakdown.values()))
     peak = sum(breakdown.values())
 
     assumptions.append(
