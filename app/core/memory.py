@@ -39,6 +39,20 @@ class MemoryEstimate:
         """Peak in GiB (2^30 bytes)."""
         return self.peak_bytes / GIB
 
+    @property
+    def required_bytes(self) -> int:
+        """The least memory the run needs on a smaller card.
+
+        On a card with room to spare, PyTorch's caching allocator keeps every segment it ever made
+        (`peak_bytes`, what nvidia-smi shows on the calibration H200); when cudaMalloc fails it frees
+        its cached free segments and retries (c10/cuda/CUDACachingAllocator.cpp `release_cached_blocks`),
+        so a card smaller than `peak_bytes` but larger than this still runs the step.
+        """
+        slack = self.breakdown.get("allocator_fragmentation", 0) + self.breakdown.get(
+            "cached_full_model_load", 0
+        )
+        return self.peak_bytes - slack
+
 
 def _allocated(groups: list[Group]) -> int:
     """Bytes the caching allocator hands out for these tensors (512-byte blocks)."""
