@@ -353,6 +353,24 @@ def estimate_memory(
         assumptions.append(
             f"{setup.parallelism} over {n} GPUs: per-GPU memory; multi-GPU terms are not calibrated."
         )
+    if setup.method == "qlora" and arch.is_moe:
+        warnings.append(
+            Notice(
+                "moe_experts_not_quantized",
+                "transformers 5 stores MoE experts as fused 3D parameters that bitsandbytes does not "
+                "quantize, and prepare_model_for_kbit_training casts them to fp32: QLoRA keeps "
+                f"{arch.expert_params / 1e9:,.1f} B expert parameters at 4 bytes each.",
+            )
+        )
+    if act.sdpa_math(arch, setup) and not n_masked:
+        warnings.append(
+            Notice(
+                "attention_probabilities_stored",
+                "Attention runs in fp32 with grouped k/v heads, which PyTorch's flash and memory-efficient "
+                "kernels do not take: SDPA falls back to its math kernel and stores the attention "
+                "probabilities (batch x heads x seq^2 x 4 bytes per layer).",
+            )
+        )
     if setup.seq_len > arch.max_position_embeddings:
         warnings.append(
             Notice(

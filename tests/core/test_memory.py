@@ -101,3 +101,39 @@ def test_unknown_lora_target_blames_lora_targets() -> None:
         estimate_memory(arch("phi-3-mini-4k-instruct"), TrainingSetup("lora", lora_targets=("q_proj",)))
     assert err.value.field == "lora_targets"
     assert "qkv_proj" in err.value.message
+
+
+def test_qlora_moe_keeps_experts_in_fp32() -> None:
+    a = arch("qwen3-30b-a3b")
+    est = estimate_memory(a, TrainingSetup("qlora", batch_size=1, seq_len=512))
+    assert "moe_experts_not_quantized" in {w.code for w in est.warnings}
+    assert est.breakdown["weights"] > a.expert_params * 4
+
+
+@pytest.mark.parametrize(
+    ("slug", "method", "stored"),
+    [
+        ("llama-3.2-1b", "qlora", True),  # fp32 stream + GQA: SDPA math kernel
+        ("phi-3-mini-4k-instruct", "qlora", False),  # multi-head: memory-efficient kernel
+        ("llama-3.2-1b", "lora", False),  # bf16: flash attention
+    ],
+)
+def test_sdpa_math_fallback(slug: str, method: str, stored: bool) -> None:
+    setup = TrainingSetup(method, lora_targets=ALL, gradient_checkpointing=False, seq_len=1024)  # type: ignore[arg-type]
+    est = estimate_memory(arch(slug), setup)
+    assert ("attention_probabilities_stored" in {w.code for w in est.warnings}) is stored
+
+
+def test_required_bytes_drop_only_releasable_cache() -> None:
+    est = estimate_memory(arch("llama-3.2-1b"), TrainingSetup("full", batch_size=4, seq_len=1024))
+    assert est.required_bytes == est.peak_bytes - est.breakdown["allocator_fragmentation"]
+    assert 0 < est.required_bytes < est.peak_bytes
+
+
+def test_sliding_window_beyond_window_adds_a_mask() -> None:
+    a = arch("gemma-3-4b-it")  # window 1024 on 5 of 6 layers
+    assert a.sliding_window == 1024 and a.sliding_layers == 29
+    below = estimate_memory(a, TrainingSetup("lora", seq_len=1023, gradient_checkpointing=False))
+    above = estimate_memory(a, TrainingSetup("lora", seq_len=1024, gradient_checkpointing=False))
+    # one more token, but 29 layers now keep a 1024 x 1024 bf16 bias and full-width k/v
+    assert above.breakdown["activations"] - below.breakdown["activations"] > 29 * 1024 * 1024 * 2
