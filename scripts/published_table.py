@@ -34,10 +34,12 @@ def _metric(est: MemoryEstimate, metric: str) -> float:
     b = est.breakdown
     if metric == "nvidia_smi":
         return est.peak_bytes / GIB
-    reserved = est.peak_bytes - b.get("cuda_context", 0) - b.get("optimizer_states_paged", 0)
+    outside = ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
+    reserved = est.peak_bytes - sum(b.get(k, 0) for k in outside)
     if metric == "torch_reserved":
         return reserved / GIB
-    return (reserved - b.get("allocator_overhead", 0) - b.get("library_workspaces", 0)) / GIB
+    cache = ("allocator_fragmentation", "cached_full_model_load")
+    return (reserved - sum(b.get(k, 0) for k in cache)) / GIB
 
 
 def _max_seq(arch: Any, raw: dict[str, Any], vram_gib: float) -> int:
