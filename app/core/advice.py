@@ -37,8 +37,8 @@ def gc_notice(
         extra = (other_tps / tokens_per_s - 1) * 100 if tokens_per_s > 0 else 0.0
         text = (
             f"Gradient checkpointing recomputes each layer's forward during backward: about "
-            f"{extra:,.0f}% more time here (the article says ~30%; a recomputed forward adds about a "
-            f"third of the compute). "
+            f"{extra:,.0f}% more time here (the article says ~30%: a recomputed forward adds about a "
+            f"third of the compute, and more where Python's per-layer hooks, not the GPU, set the pace). "
             f"Without it the peak would be {other_peak:,.1f} GiB, which {fits} the {gpu.name}."
         )
     else:

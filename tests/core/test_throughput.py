@@ -41,15 +41,18 @@ def test_attention_share_grows_with_sequence() -> None:
     assert eager.attn_flops > 1.5 * short.attn_flops  # eager computes the masked half too
 
 
-@pytest.mark.parametrize("gpu", [RTX_4090, H100_SXM, H200])
-def test_qlora_slower_than_lora_slower_than_nothing(gpu) -> None:
+@pytest.mark.parametrize(
+    ("gpu", "gc_low", "gc_high"), [(RTX_4090, 1.2, 1.5), (H100_SXM, 1.1, 2.0), (H200, 1.1, 2.0)]
+)
+def test_qlora_slower_than_lora_slower_than_nothing(gpu, gc_low: float, gc_high: float) -> None:
     setup = TrainingSetup(method="lora", batch_size=4, seq_len=512)
     lora = estimate_throughput(LLAMA8, setup, gpu).tokens_per_s
     qlora = estimate_throughput(LLAMA8, replace(setup, method="qlora"), gpu).tokens_per_s
     no_gc = estimate_throughput(LLAMA8, replace(setup, gradient_checkpointing=False), gpu).tokens_per_s
     assert qlora < lora < no_gc
-    # "gradient checkpointing costs about a third more time" (article: ~30%)
-    assert 1.15 < no_gc / lora < 1.6
+    # "gradient checkpointing costs about a third more time" (article: ~30%) where the GPU is the
+    # bottleneck; where Python is (a fast GPU, a small step), checkpoint hooks cost more (b-020 vs a-016)
+    assert gc_low < no_gc / lora < gc_high
 
 
 def test_bigger_batches_are_not_slower() -> None:
