@@ -272,18 +272,36 @@ def layer_transient_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[i
 
 
 def moe_extra(arch: Architecture, setup: TrainingSetup) -> int:
-    """Extra bytes per token a sparse-MoE layer saves beyond a dense layer without its MLP."""
+    """Bytes per token a sparse-MoE layer saves in place of a dense MLP."""
+    return sum(moe_tensors(arch, setup))
+
+
+def moe_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[int, ...]:
+    """The tensors (bytes per token) transformers 5.17's `grouped_mm_experts_forward` keeps for backward.
+
+    Each token is routed to k experts: its hidden state is gathered k times (sorted by expert), run
+    through the fused gate_up grouped matmul (the masked (S, 2*mi) output stays alive through the
+    gate/up views that act(gate)*up saves), the down grouped matmul, and weighted by the router.
+    grouped_mm saves its input only when the expert weights train, and the weighting saves the
+    expert output only when the router trains (full fine-tuning).  The router keeps its fp32 softmax.
+    """
+    if not arch.is_moe:
+        return ()
+    d = dtypes_for(setup)
+    k, h, mi, e = arch.experts_per_token, arch.hidden_size, arch.moe_intermediate_size, arch.num_experts
+    out = d.linear_out
+    route = [2 * out * mi, out * mi]  # masked gate_up output, act(gate)
+    if d.weights_trainable:
+        route += [d.residual * h, out * mi, out * h]  # gathered input, down input, down output
+    return (*(k * n for n in route), 4 * e)
+
+
+def moe_backward_scratch(arch: Architecture, setup: TrainingSetup) -> int:
+    """Bytes per token alive at once in a MoE layer's backward: gradients of the k routed copies."""
     if not arch.is_moe:
         return 0
-    d = dtypes_for(setup)
-    k, h, mi = arch.experts_per_token, arch.hidden_size, arch.moe_intermediate_size
-    out = d.linear_out
-    # transformers 5.17 grouped_mm_experts_forward: tokens are gathered k times (sorted by expert),
-    # gate_up output (2*mi) and its masked copy, act and product (mi each), down output and its
-    # masked copy, the routing-weighted product; router logits and fp32 softmax over experts.
-    per_route = d.residual * h + 2 * out * 2 * mi + 2 * out * mi + 3 * out * h
-    router = out * arch.num_experts + 4 * arch.num_experts
-    return k * per_route + router
+    out = dtypes_for(setup).linear_out
+    return arch.experts_per_token * (2 * out * arch.hidden_size + out * arch.moe_intermediate_size)
 
 
 def moe_dense_mlp_saved(arch: Architecture, setup: TrainingSetup) -> int:

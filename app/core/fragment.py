@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from app.core import activations as act
 from app.core.architecture import Architecture
-from app.core.params import grad_size, lora_groups, param_bytes, weight_tensors
+from app.core.params import grad_size, lora_groups, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import Shape, TracePlan, simulate
 
@@ -24,7 +24,46 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
 
     la = act.layer_activations(arch, setup, targets)
     by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
+    all_moe = arch.is_moe and arch.num_moe_layers == L
+    scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
+    # per op: saved tensors, weight gradients, input gradient, backward scratch (bytes)
+    op_saved: dict[str, list[int]] = {o.name: [n * tok for n in o.saved] for o in la.ops}
+    op_scratch: dict[str, list[int]] = {o.name: [] for o in la.ops}
+    op_grad_in: dict[str, int] = {o.name: o.grad_in * tok for o in la.ops}
+    fwd_scratch = [n * tok for n in act.layer_transient_tensors(arch, setup)[:2]]
+    shared = [2 * setup.seq_len * arch.head_dim * d.residual]  # RoPE cos/sin
+    if la.attn_scores_saved:
+        eager = setup.attention == "eager"
+        op_saved["attention"] += [4 * scores] + ([d.attn * scores] if eager and d.attn != 4 else [])
+        # backward through softmax(QK^T)V: the probabilities' gradient and the scores' gradient
+        # (eager also casts between bf16 and fp32 on the way)
+        op_scratch["attention"] = [4 * scores, 4 * scores] + ([d.attn * scores] if eager else [])
+        if eager:
+            fwd_scratch = [d.attn * scores, d.attn * scores, 4 * scores]
+            shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
+        else:  # SDPA math: the pre-softmax product and an s x s float causal mask
+            fwd_scratch = [4 * scores, 4 * setup.seq_len * setup.seq_len]
+    if all_moe:
+        # the experts replace the dense MLP: grouped_mm_experts_forward's routed copies
+        k, mi, out = arch.experts_per_token, arch.moe_intermediate_size, d.linear_out
+        routed_h, routed_mi = k * h * tok, k * mi * tok
+        op_saved["act"] = [n * tok for n in act.moe_tensors(arch, setup)]
+        op_saved["down_proj"] = []
+        op_grad_in["act"] = d.residual * h * tok
+        op_scratch["act"] = [out * routed_h, out * routed_h, 2 * out * routed_mi, out * routed_mi]
+        # gathered input, raw gate_up and down outputs, weighted and re-permuted outputs
+        fwd_scratch = [
+            d.residual * routed_h,
+            2 * out * routed_mi,
+            out * routed_h,
+            out * routed_h,
+            out * routed_h,
+        ]
+    elif arch.is_moe:
+        op_saved["act"] += [n * tok for n in act.moe_tensors(arch, setup)]
+
     ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]] = []
+    saved: list[int] = []
     layer_params: list[Shape] = []
     adapters: list[int] = []
     for o in la.ops:
@@ -43,11 +82,11 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
                     shapes.append((lin.out_features, 1))
             elif name in targets:
                 shapes.extend([(setup.lora_rank, lin.in_features), (lin.out_features, setup.lora_rank)])
-        if o.name == "act" and full and arch.is_moe and arch.num_moe_layers == L:
+        if o.name == "act" and full and all_moe:
             e, mi = arch.num_experts, arch.moe_intermediate_size
             shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
-        extra = 0
-        ops.append((len(o.saved) + extra, tuple(shapes), o.grad_in * tok, ()))
+        saved.extend(op_saved[o.name])
+        ops.append((len(op_saved[o.name]), tuple(shapes), op_grad_in[o.name], tuple(op_scratch[o.name])))
         layer_params.extend(shapes)
     if full:
         opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
@@ -55,33 +94,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         for grp in lora_groups(arch, targets, setup.lora_rank):
             adapters.extend([grp.rows * grp.cols * 4] * grp.n)
         opt_params = layer_params * L
-
-    scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
-    saved = [n * tok for n in la.tensors]
-    transient = [n * tok for n in act.layer_transient_tensors(arch, setup)]
-    shared = [2 * setup.seq_len * arch.head_dim * d.residual]  # RoPE cos/sin
-    attn_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("attention") + 1])
-    act_at = sum(len(o.saved) for o in la.ops[: [o.name for o in la.ops].index("act") + 1])
-    if la.attn_scores_saved:
-        scores_saved = (
-            [4 * scores, d.attn * scores] if d.attn != 4 and setup.attention == "eager" else [4 * scores]
-        )
-        saved[attn_at:attn_at] = scores_saved
-        act_at += len(scores_saved)
-        _grow(ops, "attention", la, len(scores_saved))
-        # backward through softmax(QK^T)V: the probabilities' gradient and the scores' gradient
-        # (eager also casts between bf16 and fp32 on the way)
-        i = [o.name for o in la.ops].index("attention")
-        scratch = [4 * scores, 4 * scores] + ([d.attn * scores] if setup.attention == "eager" else [])
-        ops[i] = (*ops[i][:3], tuple(scratch))
-        if setup.attention == "eager":
-            transient = [d.attn * scores, d.attn * scores, 4 * scores, *transient]
-            shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
-        else:  # SDPA math: the pre-softmax product and an s x s float causal mask
-            transient = [4 * scores, 4 * setup.seq_len * setup.seq_len, *transient]
-    if arch.is_moe:
-        saved[act_at:act_at] = [act.moe_extra(arch, setup) * tok]
-        _grow(ops, "act", la, 1)
 
     copies: list[int] = []
     head_copy = 0
@@ -91,8 +103,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
                 copies.extend([2 * lin.weight_numel] * (lin.layers // L))
         head_copy = 2 * v * h
     lg = d.logits
-    weights_dtype = param_bytes(setup)
-    del weights_dtype
     head_grads: tuple[int, ...] = ()
     embed_grad = tied = 0
     if full:
@@ -111,7 +121,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         grad_size=g,
         optimizer=setup.optimizer,
         layer_saved=tuple(saved),
-        layer_transient=tuple(transient),
+        layer_transient=tuple(fwd_scratch),
         layer_copies=tuple(copies),
         head_copy=head_copy,
         cache_copies=full and setup.gradient_checkpointing,
@@ -124,18 +134,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         shared=tuple(shared),
         dequant=weight_tensors(arch, setup)[1],
     )
-
-
-def _grow(
-    ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]],
-    name: str,
-    la: act.LayerActivations,
-    k: int,
-) -> None:
-    """Give op `name` k more saved tensors (attention scores, MoE routing buffers)."""
-    i = [o.name for o in la.ops].index(name)
-    count, params, grad_in, scratch = ops[i]
-    ops[i] = (count + k, params, grad_in, scratch)
 
 
 @lru_cache(maxsize=4096)

@@ -204,6 +204,8 @@ def estimate_memory(
         kept_per_layer = layer_saved_max
         recompute = 0
     transient = layer.transient * tokens + layer.attn_scores_transient * scores
+    if arch.num_moe_layers:
+        transient += act.moe_backward_scratch(arch, setup) * tokens
     embed_out = dtypes.residual * arch.hidden_size * tokens
 
     head_grads = 0

@@ -35,7 +35,7 @@ class TracePlan:
     layer_saved: tuple[int, ...]  # one layer's saved tensors (forward order)
     layer_ops: tuple[tuple[int, tuple[Shape, ...], int, tuple[int, ...]], ...]  # per op: saved count,
     # weight gradients, input gradient, and the short-lived tensors of its backward
-    layer_transient: tuple[int, ...]  # short-lived tensors of one layer's forward/backward
+    layer_transient: tuple[int, ...]  # short-lived tensors of one layer's forward
     layer_copies: tuple[int, ...]  # autocast 16-bit weight copies of one layer (amp only)
     head_copy: int  # autocast copy of the lm_head weight (amp only)
     cache_copies: bool  # full fine-tuning under autocast: copies cached until the forward ends
@@ -106,7 +106,7 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     for _ in range(plan.layers):
         cp = [new(n) for n in plan.layer_copies]
         layer = [new(n) for n in plan.layer_saved]
-        tmp = [new(n) for n in plan.layer_transient[:2]]
+        tmp = [new(n) for n in plan.layer_transient]
         if plan.dequant:
             free(new(plan.dequant))
         out = new(plan.hidden)
