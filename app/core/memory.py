@@ -170,7 +170,6 @@ def estimate_memory(
     layer = st.layer
     moe = st.moe_extra
     dense_mlp = st.dense_mlp
-    layers_dense = arch.num_layers - arch.num_moe_layers
     moe_delta = moe - dense_mlp if arch.is_moe else 0
     scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
     square = setup.batch_size * setup.seq_len * setup.seq_len
@@ -190,7 +189,6 @@ def estimate_memory(
     ]
     moe_share = arch.num_moe_layers / arch.num_layers if arch.num_layers else 0.0
     layer_saved_max = max(b for _, b in layer_kinds) + (moe_delta * tokens if arch.num_moe_layers else 0)
-    del layers_dense
     final_norm = 4 * arch.hidden_size + dtypes.residual * arch.hidden_size
     logits = st.logits
 
@@ -228,8 +226,6 @@ def estimate_memory(
     # Phases: forward end (loss computed), backward start (top layer), backward end (bottom layer),
     # optimizer step.  Optimizer states exist from the first step on, so the forward/backward of the
     # second step see them; gradients are None at the forward (zero_grad(set_to_none=True)).
-    fwd = kept_all + final_norm * tokens + logits.forward_peak * tokens + embed_out
-    bwd_loss = kept_all + final_norm * tokens + logits.backward_peak * tokens
     bwd_top = kept_all + recompute + transient + head_grads
     bwd_bottom = kept_per_layer + recompute + transient + embed_out + layer_grads + head_grads
     phases: dict[str, dict[str, int]] = {
@@ -264,7 +260,6 @@ def estimate_memory(
             "optimizer_step_temporaries": step_temp,
         },
     }
-    del fwd, bwd_loss
     if dequant_bytes:
         for name in ("forward", "backward_top", "backward_bottom"):
             # bnb MatMul4Bit dequantizes the whole weight to bf16 for the matmul (and again in backward).
