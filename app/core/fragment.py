@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from app.core import activations as act
@@ -9,6 +10,8 @@ from app.core.architecture import Architecture
 from app.core.params import grad_size, lora_groups, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import Shape, TracePlan, simulate
+
+MAX_REPLAYED_LAYERS = 160
 
 
 def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> TracePlan:
@@ -139,5 +142,10 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
 @lru_cache(maxsize=4096)
 def fragmentation(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> tuple[int, int, int]:
     """(replayed peak allocated, replayed peak reserved, reserved minus allocated) in bytes."""
-    alloc, reserved = simulate(build_plan(arch, setup, targets))
+    plan = build_plan(arch, setup, targets)
+    if plan.layers > MAX_REPLAYED_LAYERS:
+        # Deeper stacks than any released model (Llama-3.1-405B has 126 layers) are replayed with
+        # their first MAX_REPLAYED_LAYERS layers: the estimate stays fast for absurd configs.
+        plan = replace(plan, layers=MAX_REPLAYED_LAYERS)
+    alloc, reserved = simulate(plan)
     return alloc, reserved, reserved - alloc

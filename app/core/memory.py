@@ -339,6 +339,10 @@ def estimate_memory(
         f"Peak phase: {best_name.replace('_', ' ')}; "
         f"every sequence is exactly {setup.seq_len} tokens (no padding)."
     )
+    assumptions.append(
+        "CUDA context and lazily loaded kernels as measured on an H200 (driver 580, CUDA 13, torch 2.11); "
+        "other GPUs and drivers differ by up to a few hundred MiB."
+    )
     if setup.method == "qlora":
         assumptions.append(
             "QLoRA: NF4 weights (bitsandbytes), embeddings/norms/lm_head cast to fp32 by "
