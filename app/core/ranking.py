@@ -7,6 +7,7 @@ that fit come from a cached exponential + interpolation search over the same mem
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -75,6 +76,24 @@ def cheapest_rentable(prices: Iterable[PriceQuote], gpu_slug: str) -> PriceQuote
     return min(found, key=lambda p: (p.usd_per_hour, p.provider)) if found else None
 
 
+def _solve(points: tuple[tuple[int, int], ...], limit: int, cap: int, quantum: int) -> int:
+    """Largest multiple of `quantum` whose peak, linear between probes (and beyond the last two),
+    stays within `limit`; 0 when the smallest probe already exceeds it."""
+    if points[0][1] > limit:
+        return 0
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if y1 > limit:
+            x = x0 + (limit - y0) * (x1 - x0) / (y1 - y0)
+            return max(quantum, int(x) // quantum * quantum)
+    if len(points) < 2:
+        return points[0][0]
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    if y1 <= y0:
+        return cap
+    x = x1 + (limit - y1) * (x1 - x0) / (y1 - y0)
+    return min(cap, max(quantum, int(x) // quantum * quantum))
+
+
 def _largest(f: Callable[[int], int], limit: int, cap: int, quantum: int) -> int:
     """Largest multiple of `quantum` x <= cap with f(x) <= limit (f non-decreasing); 0 if none."""
     if f(quantum) > limit:
@@ -108,8 +127,13 @@ def _largest(f: Callable[[int], int], limit: int, cap: int, quantum: int) -> int
 class Ranker:
     """Ranks GPU setups for one model; caches memory and the fit searches across GPUs."""
 
-    def __init__(self, arch: Architecture) -> None:
+    def __init__(self, arch: Architecture, exact: bool = False) -> None:
+        # exact: search the memory model itself for the largest batch/sequence (tens of calls per
+        # GPU memory size); otherwise extrapolate from 2-3 probes per setup, within one or two steps.
         self.arch = arch
+        self.exact = exact
+        self.vram_max = 0  # the largest GPU memory ranked so far: probes stop past it
+        self._curves: dict[tuple[str, TrainingSetup], tuple[tuple[int, int], ...]] = {}
         self._memory: dict[TrainingSetup, MemoryEstimate] = {}
         self._peaks: dict[tuple[TrainingSetup, int, int], int] = {}
         self._limits: dict[tuple[str, TrainingSetup, int], int] = {}
@@ -142,7 +166,12 @@ class Ranker:
         key = ("batch", base, vram)
         if key not in self._limits:
             seq = base.seq_len
-            self._limits[key] = _largest(lambda b: self._peak_at(base, b, seq), vram, MAX_RANK_BATCH, 1)
+            if self.exact:
+                found = _largest(lambda b: self._peak_at(base, b, seq), vram, MAX_RANK_BATCH, 1)
+            else:
+                curve = self._curve(base, "batch", MAX_RANK_BATCH, 1)
+                found = _solve(curve, vram, MAX_RANK_BATCH, 1)
+            self._limits[key] = found
         return self._limits[key]
 
     def max_seq(self, setup: TrainingSetup, vram: int) -> int:
@@ -152,8 +181,32 @@ class Ranker:
         if key not in self._limits:
             cap = max(SEQ_QUANTUM, self.arch.max_position_embeddings // SEQ_QUANTUM * SEQ_QUANTUM)
             batch = base.batch_size
-            self._limits[key] = _largest(lambda s: self._peak_at(base, batch, s), vram, cap, SEQ_QUANTUM)
+            if self.exact:
+                found = _largest(lambda s: self._peak_at(base, batch, s), vram, cap, SEQ_QUANTUM)
+            else:
+                found = _solve(self._curve(base, "seq", cap, SEQ_QUANTUM), vram, cap, SEQ_QUANTUM)
+            self._limits[key] = found
         return self._limits[key]
+
+    def _curve(self, base: TrainingSetup, axis: str, cap: int, quantum: int) -> tuple[tuple[int, int], ...]:
+        """Peaks at a few batch (or sequence) sizes, shared by every GPU: the request's value, the
+        smallest one, and doublings until the largest catalog memory is passed."""
+        key = (axis, base)
+
+        def peak(x: int) -> int:
+            if axis == "batch":
+                return self._peak_at(base, x, base.seq_len)
+            return self._peak_at(base, base.batch_size, x)
+
+        points = list(self._curves.get(key, ()))
+        if not points:
+            start = base.batch_size if axis == "batch" else max(quantum, base.seq_len // quantum * quantum)
+            points = [(x, peak(x)) for x in sorted({quantum, start})]
+        while points[-1][0] < cap and points[-1][1] <= self.vram_max:  # extend when a larger GPU comes
+            x = min(points[-1][0] * 2, cap)
+            points.append((x, peak(x)))
+        self._curves[key] = tuple(points)
+        return self._curves[key]
 
     def setup_for(self, base: TrainingSetup, count: int, vram: int) -> TrainingSetup:
         """The setup on `count` GPUs: the request's parallelism, or DDP unless only sharding fits."""
@@ -178,6 +231,7 @@ class Ranker:
         """One ranking row: fit, headroom, limits (largest batch/seq; -1 unless `limits`), speed, price."""
         setup = self.setup_for(base, count, gpu.vram_bytes)
         mem = self.memory(self._memory_key(setup))
+        self.vram_max = max(self.vram_max, gpu.vram_bytes)
         headroom = gpu.vram_bytes - mem.peak_bytes
         fits = headroom >= 0
         note = _unsupported(setup, gpu)
@@ -254,6 +308,7 @@ def rank(
 ) -> tuple[RankRow, ...]:
     """Every GPU x count: setups that fit first, cheapest job (or $/token) first, then fewest GPUs."""
     rk = ranker or Ranker(arch)
+    rk.vram_max = max([rk.vram_max, *(g.vram_bytes for g in gpus)])
     rows = [
         rk.row(base, gpu, n, prices, job, limits)
         for gpu in gpus

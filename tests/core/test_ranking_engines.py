@@ -41,7 +41,7 @@ def test_rows_cover_catalog_and_counts() -> None:
 @pytest.mark.parametrize("slug", ["rtx-3060", "rtx-4090", "a100-80gb"])
 def test_max_batch_and_seq_are_the_largest_that_fit(slug: str) -> None:
     gpu = next(g for g in seed_gpus() if g.slug == slug)
-    row = Ranker(LLAMA8).row(QLORA, gpu, 1, seed_prices(), Job())
+    row = Ranker(LLAMA8, exact=True).row(QLORA, gpu, 1, seed_prices(), Job())
     b, s = row.max_batch_size, row.max_seq_len
     assert b >= 1 and s >= 128
     assert estimate_memory(LLAMA8, replace(QLORA, batch_size=b)).peak_bytes <= gpu.vram_bytes
@@ -105,3 +105,21 @@ def test_single_gpu_has_no_engine_but_keeps_settings() -> None:
     assert eng.engine == "single_gpu" and eng.accelerate_config_yaml is None and eng.deepspeed_config is None
     assert eng.lora_config is not None and eng.lora_config["target_modules"] == "all-linear"
     assert eng.sft_config["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize(
+    ("model", "setup"),
+    [
+        ("llama-3.1-8b", QLORA),
+        ("mistral-7b-v0.3", TrainingSetup(method="lora", batch_size=2, seq_len=1024, attention="eager")),
+        ("llama-3.2-1b", TrainingSetup(method="full", batch_size=1, seq_len=2048)),
+    ],
+)
+def test_extrapolated_limits_match_the_exact_search(model: str, setup: TrainingSetup) -> None:
+    """The default ranker extrapolates from 2-3 memory probes; it stays within a step of the search."""
+    fast, exact = Ranker(arch(model)), Ranker(arch(model), exact=True)
+    for slug in ("rtx-4070", "rtx-4090", "a100-80gb", "h200"):
+        gpu = next(g for g in seed_gpus() if g.slug == slug)
+        f, e = fast.row(setup, gpu, 1, (), Job()), exact.row(setup, gpu, 1, (), Job())
+        assert abs(f.max_batch_size - e.max_batch_size) <= max(1, e.max_batch_size // 20), slug
+        assert abs(f.max_seq_len - e.max_seq_len) <= max(256, e.max_seq_len // 20), slug
