@@ -352,7 +352,9 @@ def run(inp: EstimateInput) -> EstimateResult:
         rows = rank(arch, setups[method], catalog, inp.prices, job, ranker=ranker)
         assumptions.append(
             "Ranking: every catalog GPU × 1/2/4/8 GPUs in one host; multi-GPU rows use DDP when a replica "
-            "fits with headroom, else FSDP; 'usd' is the job at the GPU's cheapest rentable price."
+            "fits with headroom, else FSDP; 'usd' is the job at the GPU's cheapest rentable price; "
+            "max_batch_size and max_seq_len are interpolated between memory estimates at doubling sizes "
+            "(within about one step of an exact search)."
         )
     engine = engine_config(arch, setup, inp.grad_accum, inp.epochs)
     return EstimateResult(
