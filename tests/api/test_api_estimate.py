@@ -165,9 +165,11 @@ def test_hugging_face_id_resolves_like_the_slug(client: TestClient) -> None:
 def test_absurd_but_in_bounds_sequence_answers_quickly(client: TestClient) -> None:
     """A 10^15-token sequence is inside the bounds: 200, fits false, a warning, well under a second."""
     estimate(client, ARTICLE_4090)  # warm the catalog cache: the limit is for steady state
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     body = estimate(client, {"model": "llama-3.1-8b", "method": "lora", "gpu": "h100-sxm", "seq_len": 10**15})
-    assert time.perf_counter() - started < 1.0
+    # CPU time: the machine running the tests may be shared; wall clock only guards against a hang.
+    assert time.process_time() - cpu_started < 1.0
+    assert time.perf_counter() - started < 5.0
     assert body["memory"]["fits"] is False
     assert math.isfinite(body["memory"]["peak_gib"]) and body["memory"]["peak_gib"] > 1e6
     assert {w["code"] for w in body["warnings"]} & {"does_not_fit", "absurd_size"}
@@ -178,10 +180,10 @@ def test_absurd_but_in_bounds_sequence_answers_quickly(client: TestClient) -> No
 def test_ranking_request_is_fast(client: TestClient) -> None:
     """Ranking the whole catalog (no GPU named) stays well under a second once warm."""
     estimate(client, {"model": "llama-3.1-70b"})
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(5):
         body = estimate(client, {"model": "qwen2.5-7b", "dataset_samples": 20000})
-    assert (time.perf_counter() - started) / 5 < 0.5
+    assert (time.process_time() - started) / 5 < 0.5
     assert len(body["ranking"]) >= 30
 
 
