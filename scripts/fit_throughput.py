@@ -54,7 +54,7 @@ def runs() -> list[dict[str, Any]]:
     for path in sorted((ROOT / "data" / "calibration").glob("h200-*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
-            if rec.get("status") == "ok" and rec.get("tokens_per_s") and int(rec.get("num_gpus", 1)) == 1:
+            if rec.get("status") == "ok" and rec.get("tokens_per_s"):
                 out.append(rec)
     return out
 
@@ -95,6 +95,9 @@ FITTED = (
     "fp32_attn_eff",
     "logits_bytes",
     "host_ops_gc_per_wrapper",
+    "comm_eff",
+    "comm_overlap",
+    "host_ops_shard_per_layer",
 )
 # Physical bounds: a fit may not trade one mechanism for another beyond what the hardware allows.
 BOUNDS = {
@@ -102,6 +105,8 @@ BOUNDS = {
     "attn_eff": (0.25, 0.75),
     "fp32_eff": (0.5, 0.95),
     "overlap_p": (2.0, 8.0),
+    "comm_eff": (0.1, 1.0),
+    "comm_overlap": (0.0, 1.0),
     "dequant_bytes": (2.5, 40.0),
     "fp32_attn_eff": (0.05, 0.6),
     "logits_bytes": (20.0, 400.0),
@@ -117,9 +122,14 @@ def _cal(base: Calibration, names: tuple[str, ...], x: list[float]) -> Calibrati
     return replace(base, **values)
 
 
-def fit(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration, iters: int = 1500) -> Calibration:
-    """Nelder-Mead in log space over the constants that the runs exercise."""
-    names = tuple(n for n in FITTED if any(_uses(r, n) for r in recs))
+MULTI = ("comm_eff", "comm_overlap", "host_ops_shard_per_layer")
+
+
+def fit(
+    recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration, iters: int = 1500, only: tuple[str, ...] = ()
+) -> Calibration:
+    """Nelder-Mead in log space over the constants that the runs exercise (or only those named)."""
+    names = only or tuple(n for n in FITTED if any(_uses(r, n) for r in recs))
     x0 = [math.log(getattr(cal, n)) for n in names]
 
     def f(x: list[float]) -> float:
@@ -163,6 +173,8 @@ def _uses(rec: dict[str, Any], name: str) -> bool:
         return rec["optimizer"] == "adafactor"
     if name in ("fp32_eff", "fp32_attn_eff", "host_ops_qlora_linear", "dequant_bytes"):
         return rec["method"] == "qlora" or rec["precision"] == "fp32"
+    if name in ("comm_eff", "comm_overlap", "host_ops_shard_per_layer"):
+        return int(rec.get("num_gpus", 1)) > 1
     if name == "logits_bytes":
         return True
     if name == "host_ops_gc_per_wrapper":
@@ -202,13 +214,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fit", action="store_true", help="search the constants")
     parser.add_argument("--restarts", type=int, default=1, help="Nelder-Mead restarts from the last best")
+    parser.add_argument("--multi-only", action="store_true", help="fit only the multi-GPU constants")
     args = parser.parse_args()
     recs, gpu, cal = runs(), h200(), CALIBRATION
     if not recs:
         sys.exit("no measured H200 runs in data/calibration/h200-*.jsonl")
     if args.fit:
+        fit_on = [r for r in recs if int(r.get("num_gpus", 1)) > 1] if args.multi_only else recs
         for _ in range(args.restarts):
-            cal = fit(recs, gpu, cal)
+            cal = fit(fit_on, gpu, cal, only=MULTI if args.multi_only else ())
         print({f.name: getattr(cal, f.name) for f in fields(cal) if f.name in FITTED})
     print(table(recs, gpu, cal))
 

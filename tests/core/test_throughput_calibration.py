@@ -25,7 +25,7 @@ TARGET = 0.15
 SHARE_WITHIN_TARGET = 0.80
 MEDIAN = 0.08
 WORST = 0.25
-WORST_MULTI_GPU = 0.30  # communication overlap is an assumption, not fitted
+WORST_MULTI_GPU = 0.15  # 4 two-GPU FSDP2 runs, within 7% (3 constants fitted on them)
 
 
 def _runs(multi: bool) -> list[dict]:
@@ -80,4 +80,4 @@ def test_tokens_per_s_against_the_multi_gpu_runs() -> None:
 
 @pytest.mark.skipif(not SINGLE, reason="no measured H200 runs in data/calibration/h200-*.jsonl yet")
 def test_calibration_names_its_runs() -> None:
-    assert all(rec["batch"] in CALIBRATION.fitted_on for rec in SINGLE)
+    assert all(rec["batch"] in CALIBRATION.fitted_on for rec in SINGLE + MULTI)
