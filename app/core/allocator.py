@@ -35,6 +35,11 @@ DEFAULT_CONTEXT_FAMILY = "hopper"
 KERNELS_BASE_BYTES = 138_412_032
 FLASH_KERNELS_BYTES = 155_189_248 - 138_412_032
 
+# NCCL communicators and channel buffers (cudaMalloc outside torch's allocator), two H200s over NVLink
+# with NCCL's defaults: 1,041,498,112 - 155,189,248 bytes beyond the single-GPU kernels and handles,
+# in all four runs of data/calibration/h200-d-fsdp-2gpu.jsonl.  More GPUs are not measured.
+NCCL_BYTES = 1_041_498_112 - 155_189_248
+
 # cuBLAS workspaces come from the caching allocator (torch `getCurrentCUDABlasHandle` /
 # `getCUDABlasLtWorkspace`): on Hopper `CUBLAS_WORKSPACE_CONFIG` defaults to ":4096:2:16:8"
 # (2 x 4 MiB + 8 x 16 KiB per handle and stream) and the cuBLASLt workspace is 32 MiB

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from app.core import activations as act
 from app.core.architecture import Architecture
-from app.core.params import grad_size, lora_groups, weight_tensors
+from app.core.params import grad_size, lora_groups, param_bytes, param_groups, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import Shape, TracePlan, simulate
 
@@ -24,6 +24,16 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     weights: list[int] = []
     for nbytes, count in weight_tensors(arch, setup)[0]:
         weights.extend([nbytes] * count)
+    # FSDP2 all-gathers per layer (its weights) and per root module (embedding, final norm, lm_head)
+    elem = param_bytes(setup) if setup.method != "qlora" else 4
+    layer_weights: list[int] = []
+    root_weights: list[int] = []
+    if setup.num_gpus > 1 and setup.parallelism == "fsdp":
+        for grp in param_groups(arch):
+            if grp.kind in ("embed", "lm_head") or (grp.kind == "norm" and grp.n == 1):
+                root_weights.extend([grp.rows * grp.cols * elem] * grp.n)
+            elif grp.n >= L:
+                layer_weights.extend([grp.rows * grp.cols * param_bytes(setup)] * (grp.n // L))
 
     la = act.layer_activations(arch, setup, targets)
     by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
@@ -136,6 +146,9 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         vocab_fp32=4 * v * tok,
         shared=tuple(shared),
         dequant=weight_tensors(arch, setup)[1],
+        shards=setup.num_gpus if setup.parallelism == "fsdp" else 1,
+        layer_weights=tuple(layer_weights),
+        root_weights=tuple(root_weights),
     )
 
 

@@ -9,6 +9,7 @@ from app.core import activations as act
 from app.core.allocator import (
     CUBLAS_WORKSPACE_BYTES,
     GIB,
+    NCCL_BYTES,
     block_size,
     cuda_context_bytes,
     kernel_bytes,
@@ -266,6 +267,15 @@ def estimate_memory(
             phases[name]["qlora_dequant_workspace"] = dequant_bytes
     if dtypes.autocast:
         _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
+    fsdp = _fsdp_terms(arch, setup, weight_groups, grads * n if shard_grads else grads, g_size)
+    if shard_params:
+        # FSDP2 (`fully_shard` per decoder layer, then the root, as the harness's distributed.py does):
+        # during forward and backward a layer's parameters are unsharded, with the next one prefetched,
+        # the root's own parameters (embedding, final norm, lm_head) stay unsharded from the forward to
+        # the backward, and the backward holds a layer's unsharded gradients before their reduce-scatter.
+        phases["forward"]["gathered_params"] = 2 * fsdp.layer_weights + fsdp.root
+        for name in ("backward_loss", "backward_top", "backward_bottom", "backward_end"):
+            phases[name]["gathered_params"] = 2 * fsdp.layer_weights + fsdp.root + fsdp.layer_grads
     best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
 
     breakdown: dict[str, int] = {
@@ -283,6 +293,7 @@ def estimate_memory(
         "logits_and_loss",
         "autocast_weight_copies",
         "qlora_dequant_workspace",
+        "gathered_params",
     ):
         if best.get(key):
             breakdown[key] = best[key]
@@ -293,22 +304,11 @@ def estimate_memory(
     if multi and setup.parallelism == "ddp":
         # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
         breakdown["ddp_buckets"] = _allocated(train_groups)
-    if shard_params:
-        # FSDP2 (`fully_shard` per decoder layer, then the root, as the harness's distributed.py does):
-        # a layer's parameters are all-gathered for its forward and again for its backward, with the
-        # next layer prefetched (two unsharded layers), and the backward also holds the layer's
-        # unsharded gradients before their reduce-scatter.  The root's own parameters (embedding,
-        # final norm, lm_head) stay unsharded from the forward to the backward.
-        full_weights = sum(b * c for b, c in weight_groups)
-        head = arch.embedding_params + arch.lm_head_params
-        layer_weights = (full_weights - head * param_bytes(setup)) // max(arch.num_layers, 1)
-        layer_grads = (grads * n - (head * g_size if setup.method == "full" else 0)) // max(
-            arch.num_layers, 1
-        )
-        root = (
-            head * param_bytes(setup) * (n - 1) // n if setup.method != "qlora" else head * 4 * (n - 1) // n
-        )
-        breakdown["gathered_params"] = 2 * layer_weights + root + layer_grads
+    if multi:
+        # NCCL's communicators and channel buffers are cudaMalloc'ed outside torch's allocator:
+        # nvml_peak_used - torch_peak_reserved - cuda_context_bytes is 1,041,498,112 bytes in every
+        # 2-GPU FSDP run (h200-d-fsdp-2gpu) against 155,189,248 on one GPU.
+        breakdown["nccl_buffers"] = NCCL_BYTES
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
@@ -319,7 +319,7 @@ def estimate_memory(
         for k, v in breakdown.items()
         if k not in ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
     )
-    if sim_alloc and (multi or replayed != _single_gpu(setup)):
+    if sim_alloc and replayed != _single_gpu(setup):
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     breakdown["allocator_fragmentation"] = frag
@@ -394,8 +394,27 @@ def estimate_memory(
     )
 
 
+@dataclass(frozen=True)
+class _Fsdp:
+    layer_weights: int
+    layer_grads: int
+    root: int
+
+
+def _fsdp_terms(
+    arch: Architecture, setup: TrainingSetup, weight_groups: list[Group], full_grads: int, g_size: int
+) -> _Fsdp:
+    """Unsharded sizes FSDP2 materializes: one layer's weights and grads, the root's parameters."""
+    n = setup.num_gpus
+    head = arch.embedding_params + arch.lm_head_params
+    root_elem = 4 if setup.method == "qlora" else param_bytes(setup)
+    layer_weights = (sum(b * c for b, c in weight_groups) - head * root_elem) // max(arch.num_layers, 1)
+    layer_grads = (full_grads - (head * g_size if setup.method == "full" else 0)) // max(arch.num_layers, 1)
+    return _Fsdp(max(layer_weights, 0), max(layer_grads, 0), head * root_elem * (n - 1) // n)
+
+
 def _single_gpu(setup: TrainingSetup) -> TrainingSetup:
-    if setup.num_gpus == 1:
+    if setup.num_gpus == 1 or setup.parallelism == "fsdp":  # FSDP2 is replayed sharded (trace.py)
         return setup
     return replace(setup, num_gpus=1, parallelism="ddp")
 

@@ -47,40 +47,77 @@ class TracePlan:
     vocab_fp32: int  # one fp32 B x S x V tensor (log_softmax output, its gradients)
     shared: tuple[int, ...]  # tensors alive for the whole step (cos/sin, eager mask)
     dequant: int  # bnb dequantized weight during a 4-bit matmul (QLoRA)
+    shards: int = 1  # FSDP2 ranks: parameters, gradients and optimizer states are sharded this many ways
+    layer_weights: tuple[int, ...] = ()  # one layer's unsharded weight tensors (FSDP all-gathers them)
+    root_weights: tuple[int, ...] = ()  # embedding / final norm / lm_head, unsharded by the root
 
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """Replay `steps` training steps; return (peak allocated, peak reserved) in bytes."""
     sim = AllocatorSim()
-    tr = _Tracer(sim)
-    for nbytes in plan.weights:
-        tr.new(nbytes)
+    tr = _Tracer(sim, plan.shards)
+    n = plan.shards
+    loaded = [tr.new(nbytes) for nbytes in plan.weights]
     for nbytes in plan.adapters:
         tr.new(nbytes)
+    if n > 1:
+        # every rank loads the whole model, then fully_shard swaps each parameter for its 1/N shard
+        for h, nbytes in zip(loaded, plan.weights, strict=True):
+            tr.new(-(-nbytes // n))
+            tr.free(h)
     for step in range(steps):
         grads = _forward_backward(plan, tr)
         if step == 0:  # optimizer states are created lazily inside the first step()
             for rows, cols in plan.opt_params:
-                for nbytes in param_state_tensors(plan.optimizer, rows, cols, plan.grad_size)[0]:
+                for nbytes in param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[0]:
                     tr.new(nbytes)
         temps = []
         for rows, cols in plan.opt_params:
-            temp = param_state_tensors(plan.optimizer, rows, cols, plan.grad_size)[2]
+            temp = param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[2]
             if temp and plan.optimizer == "adafactor":  # single-tensor loop: one at a time
                 tr.free(tr.new(temp))
             elif temp:  # foreach AdamW: `_foreach_sqrt(exp_avg_sqs)` for every parameter at once
                 temps.append(tr.new(temp))
         tr.free_all(temps)
         tr.free_all(grads)  # zero_grad(set_to_none=True)
-    return sim.peak_allocated, sim.peak_reserved
+    allocated = sim.peak_allocated + tr.ag.peak_allocated + tr.rs.peak_allocated
+    return allocated, sim.peak_reserved + tr.ag.peak_reserved + tr.rs.peak_reserved
 
 
 class _Tracer:
-    __slots__ = ("n", "sim")
+    __slots__ = ("ag", "n", "rs", "shards", "sim")
 
-    def __init__(self, sim: AllocatorSim) -> None:
+    def __init__(self, sim: AllocatorSim, shards: int = 1) -> None:
         self.sim = sim
         self.n = 0
+        self.shards = shards
+        # FSDP2 all-gathers and reduce-scatters on streams of their own; the caching allocator keeps
+        # a separate pool per stream, so their buffers never reuse the default stream's free blocks.
+        self.ag = AllocatorSim()
+        self.rs = AllocatorSim()
+
+    def unshard(self, sizes: tuple[int, ...]) -> list[int]:
+        """All-gather a module's parameters: flat buffers on the all-gather stream, then copy-out."""
+        total = sum(sizes)
+        self.n += 2
+        self.ag.malloc(self.n - 1, -(-total // self.shards))
+        self.ag.malloc(self.n, total)
+        out = [self.new(b) for b in sizes]
+        self.ag.free(self.n - 1 - len(sizes))
+        self.ag.free(self.n - len(sizes))
+        return out
+
+    def reduce_scatter(self, grads: list[int], sizes: list[int]) -> list[int]:
+        """Reduce-scatter a module's unsharded gradients into 1/N shards (kept until zero_grad)."""
+        total = sum(sizes)
+        self.n += 2
+        self.rs.malloc(self.n - 1, total)
+        self.rs.malloc(self.n, -(-total // self.shards))
+        self.free_all(grads)
+        shards = [self.new(-(-b // self.shards)) for b in sizes]
+        self.rs.free(self.n - 1 - len(sizes))
+        self.rs.free(self.n - len(sizes))
+        return shards
 
     def new(self, nbytes: int) -> int:
         self.n += 1
@@ -98,12 +135,15 @@ class _Tracer:
 def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     """One forward and backward; returns the gradient handles (alive until zero_grad)."""
     new, free, free_all = tr.new, tr.free, tr.free_all
+    fsdp = plan.shards > 1
+    root = tr.unshard(plan.root_weights) if fsdp and plan.root_weights else []
     shared = [new(n) for n in plan.shared]
     inputs = [new(plan.hidden)]  # embedding output
     saved: list[list[int]] = []
     copies: list[list[int]] = []
     cache: list[int] = []
     for _ in range(plan.layers):
+        unsharded = tr.unshard(plan.layer_weights) if fsdp else []
         cp = [new(n) for n in plan.layer_copies]
         layer = [new(n) for n in plan.layer_saved]
         tmp = [new(n) for n in plan.layer_transient]
@@ -111,6 +151,7 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
             free(new(plan.dequant))
         out = new(plan.hidden)
         free_all(tmp)
+        free_all(unsharded)  # reshard after forward
         if plan.checkpoint:  # non-reentrant checkpoint keeps only the layer's input
             free_all(layer)
             if plan.cache_copies:
@@ -149,6 +190,9 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     free_all(final)
     free(inputs.pop())  # the final norm's input
     for _ in range(plan.layers):
+        unsharded = tr.unshard(plan.layer_weights) if fsdp else []
+        layer_grads: list[int] = []
+        layer_grad_sizes: list[int] = []
         if plan.checkpoint:
             cp = [new(n) for n in plan.layer_copies]
             layer = [new(n) for n in plan.layer_saved]
@@ -165,12 +209,18 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
             g_next = new(grad_in)
             free_all(tmp)
             for rows, cols in params:
-                grads.append(new(rows * cols * plan.grad_size))
+                layer_grads.append(new(rows * cols * plan.grad_size))
+                layer_grad_sizes.append(rows * cols * plan.grad_size)
             free_all(layer[end - count : end])
             end -= count
             free(g_hidden)
             g_hidden = g_next
         free_all(cp)
+        if fsdp:
+            grads.extend(tr.reduce_scatter(layer_grads, layer_grad_sizes) if layer_grads else [])
+            free_all(unsharded)
+        else:
+            grads.extend(layer_grads)
         if plan.checkpoint:
             free(inputs.pop())
     if plan.embed_grad:
@@ -186,4 +236,13 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     free(g_hidden)
     free_all(inputs)
     free_all(shared)
+    free_all(root)
+    if fsdp and plan.head_grads:
+        # the root reduce-scatters its own gradients (lm_head / embedding / norm) last
+        nh = len(plan.head_grads) + (1 if plan.embed_grad else 0)
+        sizes = [*plan.head_grads, *([plan.embed_grad] if plan.embed_grad else [])]
+        head = grads[:len(plan.head_grads)] + ([grads[-1]] if plan.embed_grad else [])
+        rest = grads[len(plan.head_grads) : len(grads) - (1 if plan.embed_grad else 0)]
+        del nh
+        grads = rest + tr.reduce_scatter(head, sizes)
     return grads
