@@ -85,7 +85,7 @@ def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
 
 
 class _Tracer:
-    __slots__ = ("ag", "n", "rs", "shards", "sim")
+    __slots__ = ("ag", "ag_held", "n", "rs", "rs_held", "shards", "sim")
 
     def __init__(self, sim: AllocatorSim, shards: int = 1) -> None:
         self.sim = sim
@@ -95,6 +95,10 @@ class _Tracer:
         # a separate pool per stream, so their buffers never reuse the default stream's free blocks.
         self.ag = AllocatorSim()
         self.rs = AllocatorSim()
+        # FSDP2 keeps the last all-gather's and reduce-scatter's buffers (its `all_gather_state` /
+        # `reduce_scatter_state`) until the next collective of the kind, instead of record_stream.
+        self.ag_held = -1
+        self.rs_held = -1
 
     def unshard(self, sizes: tuple[int, ...]) -> list[int]:
         """All-gather a module's parameters: flat buffers on the all-gather stream, then copy-out."""
@@ -104,7 +108,9 @@ class _Tracer:
         self.ag.malloc(self.n, total)
         out = [self.new(b) for b in sizes]
         self.ag.free(self.n - 1 - len(sizes))
-        self.ag.free(self.n - len(sizes))
+        if self.ag_held >= 0:
+            self.ag.free(self.ag_held)
+        self.ag_held = self.n - len(sizes)
         return out
 
     def reduce_scatter(self, grads: list[int], sizes: list[int]) -> list[int]:
@@ -115,8 +121,10 @@ class _Tracer:
         self.rs.malloc(self.n, -(-total // self.shards))
         self.free_all(grads)
         shards = [self.new(-(-b // self.shards)) for b in sizes]
-        self.rs.free(self.n - 1 - len(sizes))
         self.rs.free(self.n - len(sizes))
+        if self.rs_held >= 0:
+            self.rs.free(self.rs_held)
+        self.rs_held = self.n - 1 - len(sizes)
         return shards
 
     def new(self, nbytes: int) -> int:
