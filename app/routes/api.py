@@ -18,10 +18,12 @@ from app.schemas import (
     ValidationErrorBody,
     request_from_query,
 )
+from app.schemas_out import EstimateResponse
 
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"model": EstimateResponse, "description": "The estimate (extra members may be added over time)."},
     404: {"model": NotFoundBody, "description": "Unknown model or GPU; `suggestions` has the closest slugs."},
     422: {"model": ValidationErrorBody,
           "description": "A field is out of bounds or invalid; `loc` names it."},

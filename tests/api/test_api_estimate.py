@@ -204,3 +204,22 @@ def test_new_price_is_used_without_a_restart(seeded_url: str, make_client: Any) 
     assert (cheapest["provider"], cheapest["usd_per_hour"], cheapest["observed_on"]) == (
         "tunefit-test-cloud", 0.01, "2026-06-01")
     assert after["meta"]["catalog_updated"] > before["meta"]["catalog_updated"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ARTICLE_4090,
+        {**ARTICLE_4090, "dataset_samples": 5000, "epochs": 3, "ranking": True, "owned_gpu": "rtx-3090"},
+        {"model": "llama-3.1-70b", "dataset_samples": 10_000, "budget_usd": 5000},
+        {"model": "mistral-7b-v0.3", "method": "full", "precision": "amp_bf16", "gpu": "a100-80gb"},
+        {"model": "qwen3-30b-a3b", "method": "lora", "seq_len": 10**12},
+    ],
+)
+def test_responses_match_the_documented_model(client: TestClient, fields: dict[str, Any]) -> None:
+    """Real answers validate against EstimateResponse, the model the OpenAPI schema documents."""
+    from app.schemas_out import EstimateResponse
+
+    EstimateResponse.model_validate(estimate(client, fields))
+    documented = client.get("/openapi.json").json()["paths"]["/api/estimate"]["post"]["responses"]["200"]
+    assert documented["content"]["application/json"]["schema"]["$ref"].endswith("/EstimateResponse")
