@@ -62,7 +62,7 @@ class Calibration:
 # against their LoRA twins, fp32 attention from b-026 (4096 tokens) against b-023, MoE from c-007..009.
 # Bounds keep each constant physical (scripts/fit_throughput.py BOUNDS): SDPA at 25% of the dense
 # peak and fp32 GEMMs at 50% of the fp32 peak are where the fit rests at the edge of those bounds.
-# Accuracy: median |error| 5.7%, 52 of 63 runs within 15%, worst 21.8%
+# Accuracy: median |error| 5.7%, 53 of 64 single-GPU runs within 15%, worst 21.8%; two-GPU runs within 7%
 # (tests/core/test_throughput_calibration.py).
 CALIBRATION = Calibration(
     matmul_eff=0.72,
@@ -91,7 +91,7 @@ CALIBRATION = Calibration(
     host_ops_shard_per_layer=117.778,
     fitted_on=(
         "h200-d-fsdp-2gpu (4 two-GPU FSDP2 runs) and "
-        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large: 63 single-GPU H200 runs "
+        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large: 64 single-GPU H200 runs "
         "(Llama-3.2-1B/3B, Llama-3.1-8B, Mistral-7B, Qwen2.5-0.5B/1.5B/14B, Gemma-2-2B, Phi-3-mini, "
         "Qwen3-30B-A3B cut to 8 layers; full/LoRA/QLoRA)"
     ),

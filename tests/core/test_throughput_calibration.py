@@ -1,6 +1,6 @@
 """Predicted training tokens/s against every measured H200 run of data/calibration/h200-*.jsonl.
 
-Target: within 15%. Reached on the median (5.7%) and on 52 of 63 single-GPU runs; the rest are within
+Target: within 15%. Reached on the median (5.7%) and on 53 of 64 single-GPU runs; the rest are within
 22% and are what one constant set cannot follow: run-to-run noise of host-bound runs (b-030 with 4 LoRA
 targets measured slower than b-029 with 7), Llama-3.1-8B vs Mistral-7B at equal shapes (c-002/c-006
 differ by 22% in LoRA step time, well beyond their vocabulary's cost), and Qwen3-MoE. The bounds below
