@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.core.setup import Attention, Method, Optimizer, Parallelism, Precision
 
@@ -110,6 +111,14 @@ class EstimateRequest(EstimateFields):
 
 class EstimateQuery(EstimateFields):
     """The same fields as query parameters: lists comma-separated, model_config as URL-encoded JSON."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_blanks(cls, data: Any) -> Any:
+        """`batch_size=` (a form submitted by GET sends every field) means the default."""
+        if isinstance(data, Mapping):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+        return data
 
     hf_config: str | None = Field(
         None, alias="model_config", description="A config.json object as URL-encoded JSON."

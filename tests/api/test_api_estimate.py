@@ -223,3 +223,13 @@ def test_responses_match_the_documented_model(client: TestClient, fields: dict[s
     EstimateResponse.model_validate(estimate(client, fields))
     documented = client.get("/openapi.json").json()["paths"]["/api/estimate"]["post"]["responses"]["200"]
     assert documented["content"]["application/json"]["schema"]["$ref"].endswith("/EstimateResponse")
+
+
+def test_blank_query_fields_mean_the_defaults(client: TestClient) -> None:
+    """A form submitted by GET sends every field; blank ones are 'not given', not a 422."""
+    names = ("optimizer", "model_config", "owned_gpu", "budget_usd", "lora_alpha", "dataset_samples",
+             "double_quant", "num_gpus")
+    blank = "&".join(f"{k}=" for k in names)
+    r = client.get("/api/estimate?" + query_string(ARTICLE_4090) + "&" + blank)
+    assert r.status_code == 200, r.text
+    assert r.json() == estimate(client, ARTICLE_4090)
