@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from apihelp import prepare_database
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.api.apihelp import prepare_database
 
 
 @pytest.fixture
