@@ -173,6 +173,14 @@ def build(dockerfile: Path = REPO / "Dockerfile") -> Image:
     workdirs = [ins.args for ins in instructions if ins.keyword == "WORKDIR"]
     workdir_in_image = workdirs[-1] if workdirs else "/"
     root = Path(tempfile.mkdtemp(prefix="tunefit-image-", dir="/tmp"))
+    try:
+        return _build_into(root, instructions, workdir_in_image)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)  # the caller never sees `root`, so it cannot remove it
+        raise
+
+
+def _build_into(root: Path, instructions: list[Instruction], workdir_in_image: str) -> Image:
     root.chmod(0o755)  # the runtime user must reach its WORKDIR, as in the image
     workdir = root / workdir_in_image.lstrip("/")
     workdir.mkdir(parents=True)
