@@ -219,7 +219,20 @@ def _build_into(root: Path, instructions: list[Instruction], workdir_in_image: s
 
     _replay_runs([ins for ins in instructions if ins.keyword == "RUN"], workdir_in_image, image, build_deps)
     shutil.rmtree(build_deps)
+    if image.uid is not None and not _user_can_import(image):
+        # The linked dependencies live in this checkout's .venv; where the runtime user cannot read
+        # it (a checkout under a private home), run as ourselves rather than fail for that reason.
+        image.uid = None
     return image
+
+
+def _user_can_import(image: Image) -> bool:
+    probe = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-c", "import fastapi, sqlalchemy, uvicorn, app"],
+        cwd=image.workdir, env=image.path_env(), user=image.uid, group=image.uid, extra_groups=[],
+        capture_output=True, timeout=60,
+    )
+    return probe.returncode == 0
 
 
 def snapshot(tree: Path, skip: Path) -> dict[str, tuple[int, int]]:
