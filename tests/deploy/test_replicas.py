@@ -99,8 +99,8 @@ def test_a_price_written_via_one_replica_is_served_by_the_other(pair: Pair) -> N
     before, first_body = _estimate_option(pair.b, PROVIDER)
     assert before is None
 
-    today = dt.date.today()
-    written = _post_price(pair.a, 0.77, today - dt.timedelta(days=1))
+    today = dt.datetime.now(dt.UTC).date()
+    written = _post_price(pair.a, 0.77, today - dt.timedelta(days=2))
     assert written.status_code in (200, 201), written.text
     assert [p["usd_per_hour" if "usd_per_hour" in p else "usd_per_gpu_hour"] for p in
             _served_price(pair.b, PROVIDER)] == [0.77]
@@ -109,7 +109,7 @@ def test_a_price_written_via_one_replica_is_served_by_the_other(pair: Pair) -> N
     assert body["meta"] != first_body["meta"], "meta's catalog update time did not move"
 
     # A second, newer observation replaces the first one as the served price: invalidation is not once-only.
-    assert _post_price(pair.a, 1.54, today).status_code in (200, 201)
+    assert _post_price(pair.a, 1.54, today - dt.timedelta(days=1)).status_code in (200, 201)
     newer, _ = _estimate_option(pair.b, PROVIDER)
     assert newer is not None and newer["usd_per_hour"] == pytest.approx(1.54)
     assert newer["usd_total"] == pytest.approx(option["usd_total"] * 2, rel=1e-6)
@@ -119,7 +119,7 @@ def test_a_price_written_via_one_replica_is_served_by_the_other(pair: Pair) -> N
 
 def test_catalog_writes_need_the_token_on_every_replica(pair: Pair) -> None:
     """No token or a wrong one is refused on either replica, and nothing is stored."""
-    day = dt.date.today()
+    day = dt.datetime.now(dt.UTC).date()
     assert _post_price(pair.b, 9.99, day, token=None).status_code == 401
     assert _post_price(pair.a, 9.99, day, token="wrong").status_code in (401, 403)
     assert _served_price(pair.a, PROVIDER) == [] and _served_price(pair.b, PROVIDER) == []
