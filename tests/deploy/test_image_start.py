@@ -18,6 +18,9 @@ from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.timeout(120)
 
+ESTIMATE = ("/api/estimate?model=llama-3.1-8b&method=qlora&gpu=rtx-4090&batch_size=4&seq_len=512"
+            "&dataset_samples=5000&epochs=3")
+
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[Image]:
@@ -66,9 +69,13 @@ def test_image_cmd_serves_the_seeded_catalog(image: Image, tmp_path: Path) -> No
         priced = [p for row in rows for p in row.get("prices", [])]
         assert priced and all(p["observed_on"] and p["source"] for p in priced)
 
+        estimate = httpx.get(server.url + ESTIMATE, timeout=30)
+        assert estimate.status_code == 200, estimate.text
+        assert estimate.json()["time"]["steps"] == 3750 and estimate.json()["cost"]["options"]
+
         page = httpx.get(server.url + "/", timeout=10)
         assert page.status_code == 200 and "<form" in page.text, "the web page is not served from the image"
-        for asset in sorted((REPO / "static").rglob("*.js")):
+        for asset in sorted(p for p in (REPO / "static").rglob("*") if p.is_file()):
             src = "/" + asset.relative_to(REPO).as_posix()
             assert httpx.get(server.url + src, timeout=5).status_code == 200, f"{src} is missing in the image"
 
