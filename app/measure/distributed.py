@@ -80,7 +80,8 @@ def merge_ranks(lines: list[dict[str, Any]]) -> dict[str, Any]:
         out[k] = max(vals) if vals else None
     bad = [x for x in lines if x["status"] != "ok"]
     if bad:
-        out.update(status=bad[0]["status"], error=bad[0].get("error"), failed_stage=bad[0].get("failed_stage"))
+        first = bad[0]
+        out.update(status=first["status"], error=first.get("error"), failed_stage=first.get("failed_stage"))
     return out
 
 

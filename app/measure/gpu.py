@@ -66,7 +66,7 @@ class CudaProbe:
 
 
 def start_cuda(index: int = 0) -> tuple[torch.device, NvmlSampler | None, dict[str, Any]]:
-    """Read NVML's baseline before this process touches CUDA, create the context, measure it, start sampling."""
+    """NVML baseline before any CUDA call, then create the CUDA context, measure it, start sampling."""
     facts: dict[str, Any] = {}
     sampler: NvmlSampler | None
     try:
@@ -88,7 +88,8 @@ def start_cuda(index: int = 0) -> tuple[torch.device, NvmlSampler | None, dict[s
     if sampler is not None:
         after = sampler.used()
         facts["gpu_total_memory"] = sampler.total()
-        facts["cuda_context_bytes"] = after - facts["nvml_baseline_used"] - int(torch.cuda.memory_reserved(device))
+        reserved = int(torch.cuda.memory_reserved(device))
+        facts["cuda_context_bytes"] = after - facts["nvml_baseline_used"] - reserved
         facts["cuda_context_method"] = (
             "NVML used after torch.cuda.set_device + one 4-byte tensor + synchronize, minus NVML used before "
             "any CUDA call in this process, minus torch reserved then (2 MiB); lazily loaded kernels and "

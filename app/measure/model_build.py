@@ -52,7 +52,7 @@ def checkpoint_ready(path: Path) -> bool:
 
 
 def load_for_training(spec: RunSpec, ckpt: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """from_pretrained (+ BitsAndBytesConfig for QLoRA), gradient checkpointing, peft; return model, settings."""
+    """from_pretrained the checkpoint as users do (BitsAndBytesConfig for QLoRA); return model, settings."""
     from transformers import AutoModelForCausalLM
 
     settings: dict[str, Any] = {}
@@ -75,7 +75,7 @@ def load_for_training(spec: RunSpec, ckpt: Path, device: str) -> tuple[torch.nn.
                         bnb_4bit_use_double_quant=spec.double_quant)
     settings["load_dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
     settings["device_map"] = str(kwargs.get("device_map"))
-    model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
     if not device.startswith("cuda"):
         model.to(device)
     # Training scripts switch the KV cache off; it is useless when every step is one full forward.
@@ -106,7 +106,8 @@ def apply_training_setup(model: Any, spec: RunSpec, settings: dict[str, Any]) ->
     if spec.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        targets: str | list[str] = "all-linear" if spec.lora_targets == ("all-linear",) else list(spec.lora_targets)
+        all_linear = spec.lora_targets == ("all-linear",)
+        targets: str | list[str] = "all-linear" if all_linear else list(spec.lora_targets)
         lcfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.alpha, target_modules=targets,
                           lora_dropout=LORA_DROPOUT, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
@@ -119,7 +120,7 @@ def apply_training_setup(model: Any, spec: RunSpec, settings: dict[str, Any]) ->
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable): total is the base model's logical count (4-bit weights unpacked, adapters left out)."""
+    """(total, trainable); total counts the base model, 4-bit weights unpacked, adapters left out."""
     total = trainable = 0
     for name, p in model.named_parameters():
         n = p.numel()

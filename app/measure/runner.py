@@ -41,18 +41,17 @@ def cuda_present() -> bool:
     return torch.version.cuda is not None and torch.cuda.is_available()
 
 
-def preload() -> None:
-    """Import torch and transformers once in the parent so forked runs skip it; CUDA stays uninitialised.
+# Modules the fork server imports once; every run is forked from that clean process, so runs skip the
+# imports but each creates its own CUDA context. peft is left out: importing it imports bitsandbytes,
+# whose import initialises CUDA, and a forked child cannot use a CUDA context made before the fork.
+PRELOAD = ["torch", "transformers", "transformers.models.auto.modeling_auto", "app.measure.worker"]
 
-    peft is left to the child: importing it imports bitsandbytes, whose import initialises CUDA.
-    """
-    import torch
-    import transformers
 
-    _ = transformers.AutoModelForCausalLM
-    transformers.utils.logging.disable_progress_bar()
-    if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in the parent; forked runs would share its context")
+def _fork_context() -> Any:
+    """A fork-server context: runs fork from a fresh process, never from this (possibly busy) one."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _build_child(config: dict[str, Any], out_dir: str, device: str, result_path: str) -> None:
@@ -76,7 +75,7 @@ def _in_child(target: Callable[..., None], args: tuple[Any, ...], result_path: P
         except subprocess.TimeoutExpired:
             return None, f"timeout after {timeout_s:.0f} s"
     else:
-        p = multiprocessing.get_context("fork").Process(target=target, args=args)
+        p = _fork_context().Process(target=target, args=args)
         p.start()
         p.join(timeout_s)
         if p.is_alive():
@@ -107,32 +106,34 @@ def _append(out: Path, line: dict[str, Any]) -> None:
 def _describe(line: dict[str, Any]) -> str:
     peak = line.get("nvml_peak_used")
     base = line.get("nvml_baseline_used") or 0
+    reserved = line.get("torch_peak_reserved")
     mem = f"{(peak - base) / GIB:7.2f} GiB" if peak else (
-        f"{line['torch_peak_reserved'] / GIB:7.2f} GiB(r)" if line.get("torch_peak_reserved") else "      -    ")
+        f"{reserved / GIB:7.2f} GiB(r)" if reserved else "      -    ")
     tps = f"{line['tokens_per_s']:>10.0f} tok/s" if line.get("tokens_per_s") else " " * 16
+    why = "" if line["status"] == "ok" else f"  [{line.get('failed_stage')}: {str(line.get('error'))[:80]}]"
     return (f"{line['run_id']:<28} {line['status']:<5} {mem} {tps}  {line.get('model')} {line['method']} "
             f"{line['precision']} {line['optimizer']} b{line['batch_size']} s{line['seq_len']} "
             f"gc={int(line['gradient_checkpointing'])} {line['attention']}"
             + (f" r{line['lora_rank']} {','.join(line['lora_targets'])}" if line["method"] != "full" else "")
-            + (f"  [{line.get('failed_stage')}: {str(line.get('error'))[:80]}]" if line["status"] != "ok" else ""))
+            + why)
 
 
 def run_batch(name: str, specs: list[RunSpec], out: Path, command: str, *, device: str = "auto",
               isolation: str = "fork", workdir: Path | None = None, deadline_s: float | None = None,
               run_timeout_s: float = 600.0, keep_checkpoints: bool = False,
-              skip_run_ids: set[str] | frozenset[str] = frozenset(), log: Log = print) -> list[dict[str, Any]]:
+              skip_run_ids: set[str] | frozenset[str] = frozenset(),
+              log: Log = print) -> list[dict[str, Any]]:
     """Run every spec (grouped by model), appending one JSON line per run to `out`; return the lines."""
     t_batch = time.monotonic()
     use_cuda = cuda_present() if device == "auto" else device == "cuda"
-    if isolation == "fork":
-        preload()
     workdir = workdir or default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="tunefit-runs-"))
     lines: list[dict[str, Any]] = []
     todo = [(i, s) for i, s in enumerate(specs) if f"{name}-{i + 1:03d}" not in skip_run_ids]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    log(f"batch {name}: {len(todo)} of {len(specs)} runs to do, device={'cuda' if use_cuda else 'cpu'}, isolation={isolation}")
+    dev = "cuda" if use_cuda else "cpu"
+    log(f"batch {name}: {len(todo)} of {len(specs)} runs to do, device={dev}, isolation={isolation}")
     for key, group in _group(todo):
         if deadline_s is not None and time.monotonic() - t_batch > deadline_s:
             break

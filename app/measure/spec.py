@@ -121,7 +121,7 @@ _SPEC_FIELDS = {f.name for f in dataclasses.fields(RunSpec)}
 
 
 def spec_from_fields(fields: dict[str, Any], base_dir: Path | None = None) -> RunSpec:
-    """Build a RunSpec from API-named fields: `model` (slug) or `model_config` (dict or path to a JSON file)."""
+    """A RunSpec from API-named fields: `model` (slug) or `model_config` (dict, or a JSON file's path)."""
     f = dict(fields)
     unknown = set(f) - _SPEC_FIELDS
     if unknown:
@@ -150,7 +150,7 @@ def spec_from_fields(fields: dict[str, Any], base_dir: Path | None = None) -> Ru
 
 
 def load_plan(path: Path) -> tuple[str, list[RunSpec], dict[str, Any]]:
-    """Read a batch plan (JSON, or YAML when PyYAML is there): its name, runs (defaults applied) and raw dict."""
+    """Read a batch plan (JSON, or YAML with PyYAML): its name, runs (defaults applied), raw dict."""
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml  # only for YAML plans
