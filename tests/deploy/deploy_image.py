@@ -158,11 +158,13 @@ def _pip_install_project(words: list[str], image: Image, build_deps: Path) -> No
     build_pth.write_text(f"{build_deps}\n")
     try:
         flags = [w for w in words[2:] if w.startswith("-")]
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "--python", str(image.venv / "bin" / "python"), "install", "-q",
              "--no-index", "--no-build-isolation", *flags, "."],
-            cwd=image.workdir, check=True, capture_output=True, timeout=120,
+            cwd=image.workdir, capture_output=True, text=True, timeout=120,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"the image's `{' '.join(words)}` failed:\n{done.stderr[-3000:]}")
     finally:
         build_pth.unlink()
 
