@@ -17,7 +17,9 @@ PARALLELISMS = ("ddp", "fsdp", "zero2", "zero3")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where a model slug is looked up: the catalog's configs, then reduced configs used only for calibration.
-CONFIG_DIRS = (REPO_ROOT / "data" / "models", REPO_ROOT / "data" / "calibration" / "configs")
+# When tunefit is installed as a package, the repository's data/ is looked for in the working directory.
+_SUBDIRS = (Path("data/models"), Path("data/calibration/configs"))
+CONFIG_DIRS = tuple(dict.fromkeys(base / sub for base in (REPO_ROOT, Path.cwd()) for sub in _SUBDIRS))
 
 
 class SpecError(ValueError):
