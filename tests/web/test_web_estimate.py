@@ -167,7 +167,8 @@ def test_no_gpu_ranks_the_catalog_and_recommends(client: TestClient) -> None:
     rec = body["recommendation"]
     # The article's 70B-class case: rent on spot.
     assert rec["where"] == "cloud_spot" and "rent: cloud spot" in text_by_id(html, "recommendation")
-    assert text_by_id(html, "verdict").startswith(f"✓Fits — best pick: {rec['num_gpus']}× {rec['gpu_name']}")
+    cards = f"{rec['num_gpus']}× {rec['gpu_name']}" if rec["num_gpus"] > 1 else rec["gpu_name"]
+    assert text_by_id(html, "verdict").startswith(f"✓Fits — best pick: {cards}")
     fitting = sum(1 for row in body["ranking"] if row["fits"])
     assert f"{fitting} of {len(body['ranking'])} GPU setups fit" in text_by_id(html, "verdict")
     top = text_by_id(html, "ranking-table")
