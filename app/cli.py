@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -80,43 +79,12 @@ def _measure(argv: list[str]) -> int:
 
 
 def ensure_database(settings: Settings) -> None:
-    """Migrate to head and load the seed catalog if it is empty, each under the database-wide lock."""
-    from app import catalog
-    from app.db import engine_for, session_factory, session_scope
-    from app.migrate import upgrade_to_head
+    """Migrate to head and load the seed catalog if it is empty, under one database-wide lock."""
+    from app.migrate import prepare_database
 
-    url = settings.database_url
-    upgrade_to_head(url)
-    # Replicas starting together would otherwise all see an empty catalog and all seed it (a unique
-    # violation for the losers); the one that waited finds the catalog loaded and leaves it alone.
-    with seed_lock(url):
-        for session in session_scope(session_factory(engine_for(url))):
-            catalog.load_seed(session, only_if_empty=True)
-
-
-@contextlib.contextmanager
-def seed_lock(url: str) -> Iterator[None]:
-    """The same lock migrations take: a PostgreSQL advisory lock, or a file lock beside SQLite."""
-    from sqlalchemy import create_engine, pool, text
-
-    from app.migrate import PG_LOCK_KEY, _sqlite_file_lock
-
-    if not url.startswith("postgresql"):
-        with _sqlite_file_lock(url):
-            yield
-        return
-    engine = create_engine(url, poolclass=pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
-                conn.commit()
-    finally:
-        engine.dispose()
+    # One lock for both steps: replicas starting together would otherwise all see an empty catalog
+    # and all seed it (a unique violation for the losers).
+    prepare_database(settings.database_url)
 
 
 def _serve(args: argparse.Namespace) -> int:

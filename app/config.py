@@ -1,8 +1,11 @@
 """Settings from the environment (prefix TUNEFIT_), cached."""
 
+import json
 from functools import lru_cache
+from typing import Annotated, Any
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -12,9 +15,21 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./tunefit.sqlite3"
     admin_token: str | None = None
-    cors_origins: list[str] = []
+    # Comma-separated (`https://a,https://b`) or a JSON list; NoDecode lets the validator see the raw text.
+    cors_origins: Annotated[list[str], NoDecode] = []
     max_body_bytes: int = 256 * 1024
     log_level: str = "INFO"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        """Accept a JSON list or comma-separated origins."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 @lru_cache
