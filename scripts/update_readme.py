@@ -44,7 +44,11 @@ def main() -> None:
     text = README.read_text()
     for name in BLOCKS:
         body = generated(name)
-        text = block_pattern(name).sub(lambda m, b=body: f"{m.group(1)}{b}\n{m.group(3)}", text)
+
+        def replace(m: re.Match[str], body: str = body) -> str:
+            return f"{m.group(1)}{body}\n{m.group(3)}"
+
+        text = block_pattern(name).sub(replace, text)
     README.write_text(text)
 
 
