@@ -98,6 +98,8 @@ FITTED = (
     "comm_eff",
     "comm_overlap",
     "host_ops_shard_per_layer",
+    "score_bytes_eager",
+    "score_bytes_math",
 )
 # Physical bounds: a fit may not trade one mechanism for another beyond what the hardware allows.
 BOUNDS = {
@@ -111,6 +113,8 @@ BOUNDS = {
     "fp32_attn_eff": (0.05, 0.6),
     "logits_bytes": (20.0, 400.0),
     "adamw_passes": (12.0, 48.0),
+    "score_bytes_eager": (24.0, 160.0),
+    "score_bytes_math": (24.0, 160.0),
 }
 
 
@@ -175,6 +179,10 @@ def _uses(rec: dict[str, Any], name: str) -> bool:
         return rec["method"] == "qlora" or rec["precision"] == "fp32"
     if name in ("comm_eff", "comm_overlap", "host_ops_shard_per_layer"):
         return int(rec.get("num_gpus", 1)) > 1
+    if name == "score_bytes_eager":
+        return rec["attention"] == "eager"
+    if name == "score_bytes_math":
+        return rec["attention"] == "sdpa" and (rec["method"] == "qlora" or rec["precision"] == "fp32")
     if name == "logits_bytes":
         return True
     if name == "host_ops_gc_per_wrapper":
@@ -220,9 +228,20 @@ def main() -> None:
     if not recs:
         sys.exit("no measured H200 runs in data/calibration/h200-*.jsonl")
     if args.fit:
-        fit_on = [r for r in recs if int(r.get("num_gpus", 1)) > 1] if args.multi_only else recs
+        # single-GPU constants on the single-GPU runs, then the multi-GPU ones on the multi-GPU runs with
+        # the single-GPU constants held, so that neither set trades against the other
+        single = [r for r in recs if int(r.get("num_gpus", 1)) == 1]
+        multi = [r for r in recs if int(r.get("num_gpus", 1)) > 1]
         for _ in range(args.restarts):
-            cal = fit(fit_on, gpu, cal, only=MULTI if args.multi_only else ())
+            if not args.multi_only:
+                cal = fit(
+                    single,
+                    gpu,
+                    cal,
+                    only=tuple(n for n in FITTED if n not in MULTI and any(_uses(r, n) for r in single)),
+                )
+            if multi:
+                cal = fit(multi, gpu, cal, only=MULTI)
         print({f.name: getattr(cal, f.name) for f in fields(cal) if f.name in FITTED})
     print(table(recs, gpu, cal))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.core.activations import dtypes_for, lora_target_names
+from app.core.activations import dtypes_for, lora_target_names, sdpa_math
 from app.core.architecture import Architecture
 from app.core.gpu import GpuSpec, interconnect_of
 from app.core.setup import TrainingSetup
@@ -51,6 +51,8 @@ class Calibration:
     comm_eff: float  # share of the interconnect's NCCL bus bandwidth that FSDP/DDP collectives reach
     comm_overlap: float  # share of the compute time under which communication hides
     host_ops_shard_per_layer: float  # FSDP/ZeRO-3 pre/post hooks per sharded layer per pass
+    score_bytes_eager: float  # HBM bytes per attention score of eager attention, fwd+bwd
+    score_bytes_math: float  # the same for SDPA's math kernel (fp32 inputs with grouped k/v heads)
     fitted_on: str  # which runs fixed these numbers
 
 
@@ -62,36 +64,41 @@ class Calibration:
 # against their LoRA twins, fp32 attention from b-026 (4096 tokens) against b-023, MoE from c-007..009.
 # Bounds keep each constant physical (scripts/fit_throughput.py BOUNDS): SDPA at 25% of the dense
 # peak and fp32 GEMMs at 50% of the fp32 peak are where the fit rests at the edge of those bounds.
-# Accuracy: median |error| 5.7%, 53 of 64 single-GPU runs within 15%, worst 21.8%; two-GPU runs within 7%
-# (tests/core/test_throughput_calibration.py).
+# score_bytes_math rests at its lower bound (24 B per score: one fp32 write and read each way), so the
+# math kernel's fp32 GEMMs, not its traffic, carry b-026's cost. Single-GPU constants are fitted on the
+# single-GPU runs, then the three multi-GPU ones on batch d with those held.
+# Accuracy: median |error| 6.0%, 55 of 63 single-GPU runs within 15%, worst 21.2%; two-GPU runs within 6%
+# (tests/core/test_throughput_calibration.py, which also states the step-spread rule for noisy runs).
 CALIBRATION = Calibration(
-    matmul_eff=0.72,
+    matmul_eff=0.702,
     attn_eff=0.25,
     fp32_eff=0.5,
     bandwidth_eff=0.8,
-    host_s_per_kernel=1.58e-05,
-    adamw_passes=24.99,
-    bnb8_bytes=114.464,
-    adafactor_passes=44.89,
-    host_ops_gc_per_layer=166.575,
-    host_ops_per_trained_tensor=9.831,
-    overlap_p=6.25,
-    host_ops_lora=9.212,
-    host_ops_qlora_linear=13.825,
-    host_ops_per_expert=0.82,
-    dequant_bytes=15.736,
-    fp32_attn_eff=0.301,
-    logits_bytes=133.195,
-    host_ops_gc_per_wrapper=16.062,
+    host_s_per_kernel=1.603e-05,
+    adamw_passes=23.49,
+    bnb8_bytes=110.8,
+    adafactor_passes=47.74,
+    host_ops_gc_per_layer=158.2,
+    host_ops_per_trained_tensor=9.8,
+    overlap_p=6.71,
+    host_ops_lora=9.89,
+    host_ops_qlora_linear=12.28,
+    host_ops_per_expert=0.81,
+    dequant_bytes=15.97,
+    fp32_attn_eff=0.286,
+    logits_bytes=124.0,
+    host_ops_gc_per_wrapper=14.77,
     # multi-GPU: fitted on h200-d-fsdp-2gpu 001-004 only (FSDP2 on two NVLink H200s): the collectives
     # reach the link's rate, but only ~19% of the compute hides them, and FSDP2's per-layer hooks cost
     # ~1.9 ms of host time per layer and pass; PCIe and more than two GPUs are extrapolated.
     comm_eff=1.0,
-    comm_overlap=0.194,
-    host_ops_shard_per_layer=117.778,
+    comm_overlap=0.211,
+    host_ops_shard_per_layer=117.3,
+    score_bytes_eager=85.1,
+    score_bytes_math=24.0,
     fitted_on=(
         "h200-d-fsdp-2gpu (4 two-GPU FSDP2 runs) and "
-        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large: 64 single-GPU H200 runs "
+        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large: 63 single-GPU H200 runs "
         "(Llama-3.2-1B/3B, Llama-3.1-8B, Mistral-7B, Qwen2.5-0.5B/1.5B/14B, Gemma-2-2B, Phi-3-mini, "
         "Qwen3-30B-A3B cut to 8 layers; full/LoRA/QLoRA)"
     ),
@@ -161,6 +168,7 @@ class _Work:
     fp32_flops: float
     attn_flops: float
     attn_fp32: bool
+    attn_gemm: bool  # scores materialized by batched GEMMs (eager, SDPA's math kernel), not a fused kernel
     stream_bytes: float  # elementwise + logits + casts + dequantization
     opt_bytes: float  # optimizer step, per optimizer step
     kernels: float
@@ -239,7 +247,12 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     # Attention scores: QK^T and PV, 2 FLOPs per MAC; causal kernels (flash / memory-efficient SDPA)
     # skip the upper triangle, eager computes the full matrix. Backward is 2x forward (dQ, dK, dV, dP),
     # 2.5x for the fused kernels, which recompute P.
-    causal = setup.attention != "eager"
+    # SDPA's math fallback (fp32 with grouped k/v heads, see activations.sdpa_math) behaves like eager:
+    # full QK^T and PV as batched GEMMs and the fp32 probabilities round-tripping through HBM; it was
+    # the missing cost of QLoRA at long sequences (b-architectures-026, 1x4096: 32 heads x 4096^2 x 4 B
+    # per layer and pass).
+    materialized = setup.attention == "eager" or sdpa_math(arch, setup)
+    causal = not materialized
     keys = (s + 1) / 2 if causal else s
     if arch.sliding_window and causal and s > arch.sliding_window:
         keys = min(keys, float(arch.sliding_window))
@@ -257,11 +270,15 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     for x in arch.linears:
         if x.name in targets:  # peft casts x to fp32 and the fp32 result back, per adapter and pass
             stream += x.layers * (x.in_features * (act + 4) + x.out_features * 12) * t * n_pass
-    if setup.attention == "eager":
-        # fp32 softmax over materialized scores: write, read, write, cast; backward twice that.
-        stream += (
-            (16.0 + (24.0 if arch.attn_logit_softcapping else 0.0)) * 3 * layers * arch.num_heads * s * t
-        )
+    if materialized:
+        # Materialized scores (b x heads x s^2 per layer) round-trip through HBM: QK^T write, softmax
+        # in fp32, PV read, about twice that in backward. Eager also adds the 4D causal mask and casts
+        # fp32 probabilities back to 16 bits, so each kernel has its own bytes per score (eager fitted
+        # on a-009/010 and b-005..007, SDPA math on the fp32 GQA QLoRA runs b-022..026, c-001/004/009).
+        # Gemma 2's softcap adds /cap, tanh, *cap and their gradients in fp32.
+        score = c.score_bytes_eager if setup.attention == "eager" else c.score_bytes_math
+        score += 24.0 if arch.attn_logit_softcapping else 0.0
+        stream += score * layers * arch.num_heads * s * t
     if qlora:  # every NF4 weight is dequantized in forward, in backward, and again in the recompute
         stream += c.dequant_bytes * lin * (2 + (1 if gc else 0))
     if d.autocast:  # fp32 master weights cast to 16-bit per forward (and recompute): read 4, write 2
@@ -281,8 +298,12 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     # per pass (forward, backward, recompute): a peft LoRA wrapper and a bnb Linear4bit are Python
     # modules/autograd functions whose per-call host cost is fitted (in op equivalents)
     wrapper_ops = n_lora * c.host_ops_lora + (n_lin * c.host_ops_qlora_linear if qlora else 0.0)
-    fwd_ops = base_ops + n_lin + wrapper_ops
-    bwd_ops = 2 * base_ops + n_lin * (2 if full else 1) + wrapper_ops
+    # autocast: each F.linear dispatches a cast of its input and of its fp32 weight (frozen weights are
+    # not in autocast's cast cache), and backward runs the input cast's ToCopyBackward: ~3 extra ops per
+    # Linear (b-architectures-031 vs its bf16 twins 020/027/028/032; a-011 vs a-001)
+    amp_ops = 2 * n_lin if d.autocast and not qlora else 0
+    fwd_ops = base_ops + n_lin + wrapper_ops + amp_ops
+    bwd_ops = 2 * base_ops + n_lin * (2 if full else 1) + wrapper_ops + amp_ops // 2
     n_wrap = n_lora + (n_lin if qlora else 0)
     gc_ops = (fwd_ops + c.host_ops_gc_per_layer + n_wrap * c.host_ops_gc_per_wrapper) if gc else 0.0
     moe_ops = c.host_ops_per_expert * arch.num_experts * (2 + (1 if gc else 0))
@@ -302,6 +323,7 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         fp32_flops=fp32_flops,
         attn_flops=attn,
         attn_fp32=d.attn == 4,
+        attn_gemm=materialized,
         stream_bytes=stream,
         opt_bytes=opt_bytes,
         kernels=kernels,
@@ -383,8 +405,10 @@ def estimate_throughput(
     gemm = sum(max(fl / mm_rate, wb / bw) for fl, wb in w.gemm_flops)
     gemm_memory_bound = sum(wb / bw for fl, wb in w.gemm_flops if wb / bw > fl / mm_rate)
     fp32 = w.fp32_flops / f32_rate
-    attn_fp32_rate = fp32_tflops(gpu) * 1e12 * c.fp32_attn_eff
-    attention = w.attn_flops / (attn_fp32_rate if w.attn_fp32 else attn_rate)
+    # Materialized fp32 scores are cuBLAS batched SGEMMs (head_dim 64-256: compute-bound at the fp32
+    # rate); in 16-bit the same GEMMs are bound by writing the s^2 scores, which attn_eff absorbs.
+    fp32_attn = f32_rate if w.attn_gemm else fp32_tflops(gpu) * 1e12 * c.fp32_attn_eff
+    attention = w.attn_flops / (fp32_attn if w.attn_fp32 else attn_rate)
     stream = w.stream_bytes / bw
     optimizer = w.opt_bytes / bw / grad_accum
     gpu_s = gemm + fp32 + attention + stream

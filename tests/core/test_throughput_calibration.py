@@ -1,10 +1,13 @@
 """Predicted training tokens/s against every measured H200 run of data/calibration/h200-*.jsonl.
 
-Target: within 15%. Reached on the median (5.7%) and on 53 of 64 single-GPU runs; the rest are within
-22% and are what one constant set cannot follow: run-to-run noise of host-bound runs (b-030 with 4 LoRA
-targets measured slower than b-029 with 7), Llama-3.1-8B vs Mistral-7B at equal shapes (c-002/c-006
-differ by 22% in LoRA step time, well beyond their vocabulary's cost), and Qwen3-MoE. The bounds below
-are what the model achieves, so a regression fails the test. Table: `.venv/bin/python
+Target: within 15%. Reached on the median (6.6% with the test catalog values) and on 55 of 63 single-GPU
+runs. Noise rule (data-based, no run ids): a run whose own measured steps span the predicted step time
+(min step <= predicted <= max step) cannot refute the prediction, so it is reported but held only to
+WORST; today that is b-030 (steps 0.150-0.191 s, predicted 0.153 s). The other seven beyond 15% are model
+misses, held to WORST: Qwen3-MoE (c-007..009, +21%/-15%/+19%), Phi-3 LoRA on the fused qkv_proj (b-009,
++21%), Llama-3.1-8B QLoRA vs Mistral-7B LoRA (c-001 +21%, c-006 -17%: same shapes but vocabulary, 22%
+apart in LoRA step time, more than the vocabulary's logits/loss traffic explains) and a-016 (-17%). The
+bounds below are what the model achieves, so a regression fails the test. Table: `.venv/bin/python
 scripts/fit_throughput.py`.
 """
 
@@ -22,9 +25,9 @@ from tests.core.catalog_values import H200
 from tests.core.helpers import ROOT
 
 TARGET = 0.15
-SHARE_WITHIN_TARGET = 0.80
-MEDIAN = 0.08
-WORST = 0.25
+SHARE_WITHIN_TARGET = 0.85
+MEDIAN = 0.07
+WORST = 0.22
 WORST_MULTI_GPU = 0.15  # 4 two-GPU FSDP2 runs, within 7% (3 constants fitted on them)
 
 
@@ -69,6 +72,20 @@ def test_tokens_per_s_against_the_h200_runs() -> None:
     assert within >= SHARE_WITHIN_TARGET
     bad = {k: f"{v:+.1%}" for k, v in errors.items() if abs(v) > WORST}
     assert not bad, f"runs off by more than {WORST:.0%}: {bad}"
+    noisy = {r["run_id"] for r in SINGLE if abs(errors[r["run_id"]]) > TARGET and _within_own_steps(r)}
+    print(f"beyond {TARGET:.0%} but within their own step spread: {sorted(noisy)}")
+    missed = {k for k, v in errors.items() if abs(v) > TARGET} - noisy
+    assert len(missed) <= MODEL_MISSES, f"beyond {TARGET:.0%} and outside their step spread: {missed}"
+
+
+MODEL_MISSES = 7  # the seven listed in the module docstring
+
+
+def _within_own_steps(rec: dict) -> bool:
+    """Whether the predicted step time lies inside the run's own measured step times (noise rule)."""
+    tp = estimate_throughput(parse_config(rec["model_config"]), setup_of(rec), H200)
+    steps = rec["step_times_s"]
+    return min(steps) <= tp.step_s <= max(steps)
 
 
 @pytest.mark.skipif(not MULTI, reason="no measured multi-GPU H200 runs yet")
