@@ -21,21 +21,23 @@ LARGE_BUFFER = 20 * MIB
 MIN_LARGE_ALLOC = 10 * MIB
 ROUND_LARGE = 2 * MIB
 
+# A block is one list [size, is_free, previous address, next address] (-1: none in the segment):
+# one dict lookup per neighbour instead of four (the replay makes thousands of calls per estimate).
+SIZE, FREE, PREV, NEXT = 0, 1, 2, 3
+
 
 class AllocatorSim:
     """Replays allocations and frees; tracks allocated and reserved bytes and their peaks."""
 
     __slots__ = (
+        "_blocks",
         "_free",
-        "_isfree",
         "_live",
-        "_next",
-        "_prev",
-        "_size",
         "_small",
         "_small_peak",
         "_top",
         "allocated",
+        "handles",
         "peak_allocated",
         "peak_reserved",
         "reserved",
@@ -43,12 +45,10 @@ class AllocatorSim:
 
     def __init__(self) -> None:
         self._free: list[tuple[int, int]] = []  # (size, address) of free large blocks
-        self._size: dict[int, int] = {}  # address -> block size
-        self._isfree: dict[int, bool] = {}
-        self._next: dict[int, int] = {}  # address -> next block address in the segment (or -1)
-        self._prev: dict[int, int] = {}
+        self._blocks: dict[int, list[int]] = {}  # address -> [size, is_free, prev, next]
         self._live: dict[int, tuple[int, int]] = {}  # handle -> (address or -1 for small, bytes)
         self._top = 0  # next segment address (segments laid out one after another)
+        self.handles = 0  # the last handle `new` gave out
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
@@ -56,8 +56,26 @@ class AllocatorSim:
         self._small = 0
         self._small_peak = 0
 
+    def copy(self, keep_live: bool = True) -> AllocatorSim:
+        """An independent copy (without the live handles unless `keep_live`: blocks stay allocated)."""
+        other = AllocatorSim.__new__(AllocatorSim)
+        other._free = self._free[:]
+        other._blocks = {a: b[:] for a, b in self._blocks.items()}
+        other._live = dict(self._live) if keep_live else {}
+        other._top, other.handles = self._top, self.handles
+        other.allocated, other.reserved = self.allocated, self.reserved
+        other.peak_allocated, other.peak_reserved = self.peak_allocated, self.peak_reserved
+        other._small, other._small_peak = self._small, self._small_peak
+        return other
+
     def malloc(self, handle: int, nbytes: int) -> None:
-        """Allocate `nbytes` under `handle`."""
+        """Allocate `nbytes` under `handle` (a handle from another pool's counter)."""
+        self.handles = handle - 1
+        self.new(nbytes)
+
+    def new(self, nbytes: int) -> int:
+        """Allocate `nbytes`; return a fresh handle."""
+        handle = self.handles = self.handles + 1
         size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK
         allocated = self.allocated = self.allocated + size
         if allocated > self.peak_allocated:
@@ -73,13 +91,13 @@ class AllocatorSim:
                         self.peak_reserved = self.reserved
                 self._small_peak = small
             self._live[handle] = (-1, size)
-            return
+            return handle
         free_list = self._free
+        blocks = self._blocks
         i = bisect_left(free_list, (size, -1))
-        sizes = self._size
-        nexts = self._next
         if i < len(free_list):
             bsize, addr = free_list.pop(i)
+            block = blocks[addr]
         else:
             bsize = LARGE_BUFFER if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE
             addr = self._top
@@ -87,23 +105,19 @@ class AllocatorSim:
             self.reserved += bsize
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
-            sizes[addr] = bsize
-            nexts[addr] = -1
-            self._prev[addr] = -1
+            block = blocks[addr] = [bsize, 0, -1, -1]
         if bsize - size > SMALL_SIZE:
             rest = addr + size
-            nxt = nexts[addr]
-            sizes[addr] = size
-            sizes[rest] = bsize - size
-            self._isfree[rest] = True
-            nexts[rest] = nxt
-            self._prev[rest] = addr
-            nexts[addr] = rest
+            nxt = block[NEXT]
+            block[SIZE] = size
+            block[NEXT] = rest
+            blocks[rest] = [bsize - size, 1, addr, nxt]
             if nxt != -1:
-                self._prev[nxt] = rest
+                blocks[nxt][PREV] = rest
             insort(free_list, (bsize - size, rest))
-        self._isfree[addr] = False
+        block[FREE] = 0
         self._live[handle] = (addr, size)
+        return handle
 
     def free(self, handle: int) -> None:
         """Free the allocation made under `handle`."""
@@ -112,33 +126,40 @@ class AllocatorSim:
         if addr < 0:
             self._small -= size
             return
-        bsize = self._size[addr]
-        nxt = self._next[addr]
-        if nxt != -1 and self._isfree[nxt]:
-            self._remove_free(nxt)
-            bsize += self._size.pop(nxt)
-            nn = self._next.pop(nxt)
-            self._prev.pop(nxt)
-            del self._isfree[nxt]
-            self._next[addr] = nn
-            if nn != -1:
-                self._prev[nn] = addr
-        prv = self._prev[addr]
-        if prv != -1 and self._isfree[prv]:
-            self._remove_free(prv)
-            bsize += self._size[prv]
-            nn = self._next.pop(addr)
-            self._prev.pop(addr)
-            del self._size[addr]
-            del self._isfree[addr]
-            self._next[prv] = nn
-            if nn != -1:
-                self._prev[nn] = prv
-            addr = prv
-        self._size[addr] = bsize
-        self._isfree[addr] = True
+        blocks = self._blocks
+        block = blocks[addr]
+        bsize = block[SIZE]
+        nxt = block[NEXT]
+        if nxt != -1:
+            after = blocks[nxt]
+            if after[FREE]:
+                self._remove_free(after[SIZE], nxt)
+                bsize += after[SIZE]
+                nn = block[NEXT] = after[NEXT]
+                if nn != -1:
+                    blocks[nn][PREV] = addr
+                del blocks[nxt]
+        prv = block[PREV]
+        if prv != -1:
+            before = blocks[prv]
+            if before[FREE]:
+                self._remove_free(before[SIZE], prv)
+                bsize += before[SIZE]
+                nn = before[NEXT] = block[NEXT]
+                if nn != -1:
+                    blocks[nn][PREV] = prv
+                del blocks[addr]
+                addr, block = prv, before
+        block[SIZE] = bsize
+        block[FREE] = 1
         insort(self._free, (bsize, addr))
 
-    def _remove_free(self, addr: int) -> None:
-        i = bisect_left(self._free, (self._size[addr], addr))
-        del self._free[i]
+    def free_all(self, handles: list[int]) -> None:
+        """Free every handle in order."""
+        free = self.free
+        for h in handles:
+            free(h)
+
+    def _remove_free(self, size: int, addr: int) -> None:
+        free_list = self._free
+        del free_list[bisect_left(free_list, (size, addr))]

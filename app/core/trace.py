@@ -12,6 +12,7 @@ only their order and lifetimes are decided here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from app.core.allocsim import AllocatorSim
 from app.core.optim import param_state_tensors
@@ -54,45 +55,52 @@ class TracePlan:
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """Replay `steps` training steps; return (peak allocated, peak reserved) in bytes."""
-    sim = AllocatorSim()
+    sim = _loaded(plan.weights, plan.adapters, plan.shards).copy(keep_live=False)
     tr = _Tracer(sim, plan.shards)
     n = plan.shards
-    loaded = [tr.new(nbytes) for nbytes in plan.weights]
-    for nbytes in plan.adapters:
-        tr.new(nbytes)
-    if n > 1:
-        # every rank loads the whole model, then fully_shard swaps each parameter for its 1/N shard
-        for h, nbytes in zip(loaded, plan.weights, strict=True):
-            tr.new(-(-nbytes // n))
-            tr.free(h)
     for step in range(steps):
         grads = _forward_backward(plan, tr)
         if step == 0:  # optimizer states are created lazily inside the first step()
             for rows, cols in plan.opt_params:
                 for nbytes in param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[0]:
-                    tr.new(nbytes)
+                    sim.new(nbytes)
         temps = []
         for rows, cols in plan.opt_params:
             temp = param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[2]
             if temp and plan.optimizer == "adafactor":  # single-tensor loop: one at a time
-                tr.free(tr.new(temp))
+                sim.free(sim.new(temp))
             elif temp:  # foreach AdamW: `_foreach_sqrt(exp_avg_sqs)` for every parameter at once
-                temps.append(tr.new(temp))
-        tr.free_all(temps)
-        tr.free_all(grads)  # zero_grad(set_to_none=True)
+                temps.append(sim.new(temp))
+        sim.free_all(temps)
+        sim.free_all(grads)  # zero_grad(set_to_none=True)
     allocated = sim.peak_allocated + tr.ag.peak_allocated + tr.rs.peak_allocated
     return allocated, sim.peak_reserved + tr.ag.peak_reserved + tr.rs.peak_reserved
 
 
+@lru_cache(maxsize=64)
+def _loaded(weights: tuple[int, ...], adapters: tuple[int, ...], shards: int) -> AllocatorSim:
+    """The allocator after from_pretrained (and FSDP2's sharding): the same for every batch shape."""
+    sim = AllocatorSim()
+    loaded = [sim.new(nbytes) for nbytes in weights]
+    for nbytes in adapters:
+        sim.new(nbytes)
+    if shards > 1:
+        # every rank loads the whole model, then fully_shard swaps each parameter for its 1/N shard
+        for h, nbytes in zip(loaded, weights, strict=True):
+            sim.new(-(-nbytes // shards))
+            sim.free(h)
+    return sim
+
+
 class _Tracer:
-    __slots__ = ("ag", "ag_held", "n", "rs", "rs_held", "shards", "sim")
+    __slots__ = ("ag", "ag_held", "rs", "rs_held", "shards", "sim")
 
     def __init__(self, sim: AllocatorSim, shards: int = 1) -> None:
         self.sim = sim
-        self.n = 0
         self.shards = shards
         # FSDP2 all-gathers and reduce-scatters on streams of their own; the caching allocator keeps
         # a separate pool per stream, so their buffers never reuse the default stream's free blocks.
+        # Their handles come from the default stream's counter, so no two pools share a handle.
         self.ag = AllocatorSim()
         self.rs = AllocatorSim()
         # FSDP2 keeps the last all-gather's and reduce-scatter's buffers (its `all_gather_state` /
@@ -102,47 +110,37 @@ class _Tracer:
 
     def unshard(self, sizes: tuple[int, ...]) -> list[int]:
         """All-gather a module's parameters: flat buffers on the all-gather stream, then copy-out."""
+        sim = self.sim
         total = sum(sizes)
-        self.n += 2
-        self.ag.malloc(self.n - 1, -(-total // self.shards))
-        self.ag.malloc(self.n, total)
-        out = [self.new(b) for b in sizes]
-        self.ag.free(self.n - 1 - len(sizes))
+        n = sim.handles = sim.handles + 2
+        self.ag.malloc(n - 1, -(-total // self.shards))
+        self.ag.malloc(n, total)
+        out = [sim.new(b) for b in sizes]
+        self.ag.free(n - 1)
         if self.ag_held >= 0:
             self.ag.free(self.ag_held)
-        self.ag_held = self.n - len(sizes)
+        self.ag_held = n
         return out
 
     def reduce_scatter(self, grads: list[int], sizes: list[int]) -> list[int]:
         """Reduce-scatter a module's unsharded gradients into 1/N shards (kept until zero_grad)."""
+        sim = self.sim
         total = sum(sizes)
-        self.n += 2
-        self.rs.malloc(self.n - 1, total)
-        self.rs.malloc(self.n, -(-total // self.shards))
-        self.free_all(grads)
-        shards = [self.new(-(-b // self.shards)) for b in sizes]
-        self.rs.free(self.n - len(sizes))
+        n = sim.handles = sim.handles + 2
+        self.rs.malloc(n - 1, total)
+        self.rs.malloc(n, -(-total // self.shards))
+        sim.free_all(grads)
+        shards = [sim.new(-(-b // self.shards)) for b in sizes]
+        self.rs.free(n)
         if self.rs_held >= 0:
             self.rs.free(self.rs_held)
-        self.rs_held = self.n - 1 - len(sizes)
+        self.rs_held = n - 1
         return shards
-
-    def new(self, nbytes: int) -> int:
-        self.n += 1
-        self.sim.malloc(self.n, nbytes)
-        return self.n
-
-    def free(self, handle: int) -> None:
-        self.sim.free(handle)
-
-    def free_all(self, handles: list[int]) -> None:
-        for h in handles:
-            self.sim.free(h)
 
 
 def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     """One forward and backward; returns the gradient handles (alive until zero_grad)."""
-    new, free, free_all = tr.new, tr.free, tr.free_all
+    new, free, free_all = tr.sim.new, tr.sim.free, tr.sim.free_all
     fsdp = plan.shards > 1
     root = tr.unshard(plan.root_weights) if fsdp and plan.root_weights else []
     shared = [new(n) for n in plan.shared]
