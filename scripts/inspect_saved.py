@@ -89,7 +89,7 @@ TINY: dict[str, dict[str, Any]] = {
     ),
 }
 
-SETUPS = [
+SETUPS: list[dict[str, Any]] = [
     dict(method="full", precision="bf16"),
     dict(method="full", precision="fp32"),
     dict(method="full", precision="amp_bf16"),
@@ -154,10 +154,10 @@ def main(families: list[str]) -> None:
             except ValueError as exc:  # e.g. an attention implementation this transformers refuses
                 print(f"{fam:12} {s!s:44} n/a: {str(exc)[:60]}")
                 continue
-            setup = TrainingSetup(**s)  # type: ignore[arg-type]
+            setup = TrainingSetup(**s)
             targets = lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
             la = layer_activations(arch, setup, targets)
-            core = la.saved + (
+            core: float = la.saved + (
                 la.attn_scores_saved * arch.num_heads * seq if setup.attention == "eager" else 0
             )
             if setup.precision.startswith("amp"):

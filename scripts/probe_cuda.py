@@ -111,7 +111,7 @@ def main(quick: bool) -> None:
                     lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
                 )
                 la = layer_activations(arch, setup, targets)
-                core = la.saved + (
+                core: float = la.saved + (
                     la.attn_scores_saved * arch.num_heads * seq if setup.attention == "eager" else 0
                 )
                 if setup.precision.startswith("amp"):
@@ -140,7 +140,7 @@ def sdpa_backends() -> None:
         q = torch.randn(2, 8, 256, 64, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(2, 2, 256, 64, device="cuda", dtype=dtype, requires_grad=True)
         v = torch.randn(2, 2, 256, 64, device="cuda", dtype=dtype, requires_grad=True)
-        ok = {}
+        ok: dict[str, str] = {}
         for b in (
             SDPBackend.FLASH_ATTENTION,
             SDPBackend.EFFICIENT_ATTENTION,
@@ -150,7 +150,7 @@ def sdpa_backends() -> None:
             try:
                 with sdpa_kernel([b]):
                     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                ok[b.name] = True
+                ok[b.name] = "ok"
             except Exception as exc:
                 ok[b.name] = repr(exc)[:80]
         sizes: list[tuple[str, int, tuple[int, ...]]] = []
