@@ -1,6 +1,9 @@
 """Time ranking the whole seed catalog x 1/2/4/8 GPUs for one request, and whole estimates (ms).
 
 .venv/bin/python scripts/bench_rank.py [--repeat 20]
+
+cold: every core cache cleared before each call (an API process's first request for a setup);
+warm: the same call repeated (the replays cached).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from app.core.estimate import estimate  # noqa: E402
 from app.core.ranking import Job, rank  # noqa: E402
 from app.core.setup import TrainingSetup  # noqa: E402
+from scripts.bench_core import clear_core_caches  # noqa: E402
 from tests.core.catalog_values import seed_gpus, seed_prices, seed_tiers  # noqa: E402
 from tests.core.helpers import arch, config  # noqa: E402
 
@@ -33,9 +37,11 @@ CASES = {
 }
 
 
-def _ms(fn, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def _ms(fn, repeat: int, cold: bool = False) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     times = []
     for _ in range(repeat):
+        if cold:
+            clear_core_caches()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
@@ -63,8 +69,14 @@ def main() -> None:
             "epochs": 3,
         },
     }.items():
-        med, worst = _ms(lambda kw=kwargs: estimate(gpus=gpus, prices=prices, tiers=tiers, **kw), args.repeat)
-        print(f"{name:39s}: median {med:6.1f} ms, worst {worst:6.1f} ms")
+        for cold in (True, False):
+            med, worst = _ms(
+                lambda kw=kwargs: estimate(gpus=gpus, prices=prices, tiers=tiers, **kw),
+                max(3, args.repeat // 4) if cold else args.repeat,
+                cold,
+            )
+            label = "cold" if cold else "warm"
+            print(f"{name:33s} {label}: median {med:6.1f} ms, worst {worst:6.1f} ms")
 
 
 if __name__ == "__main__":
