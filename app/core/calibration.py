@@ -69,6 +69,9 @@ def setup_of(rec: Mapping[str, Any]) -> TrainingSetup:
         double_quant=bool(rec.get("double_quant", True)),
         num_gpus=int(rec.get("num_gpus", 1)),
         parallelism=rec.get("parallelism", "ddp"),
+        # The harness loads the whole model onto each rank's GPU (device_map {'': rank}) before sharding.
+        full_model_load_per_gpu=int(rec.get("num_gpus", 1)) > 1
+        and str((rec.get("settings") or {}).get("device_map", "")).startswith("{"),
     )
 
 

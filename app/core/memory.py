@@ -323,7 +323,13 @@ def estimate_memory(
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     breakdown["allocator_fragmentation"] = frag
-    if shard_params:
+    if shard_params and not setup.full_model_load_per_gpu:
+        assumptions.append(
+            "Sharded loading (accelerate fsdp_cpu_ram_efficient_loading / DeepSpeed zero.Init): no rank "
+            "holds the whole model; loading it whole on every GPU before sharding needs the full "
+            "model's size per GPU at load, and nvidia-smi keeps showing that after sharding."
+        )
+    if shard_params and setup.full_model_load_per_gpu:
         # Every rank first loads the whole model (from_pretrained) and only then shards it: the
         # caching allocator keeps those segments, so nvidia-smi never shows less than the full load.
         floor = (

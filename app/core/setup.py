@@ -44,6 +44,11 @@ class TrainingSetup:
     double_quant: bool = True
     num_gpus: int = 1
     parallelism: Parallelism = "ddp"
+    # FSDP/ZeRO-3 loading. False: ranks load their shards only, as the engine configs tunefit hands out
+    # do (accelerate `fsdp_cpu_ram_efficient_loading`, DeepSpeed `zero.Init`). True: every rank first
+    # loads the whole model onto its GPU and then shards it (from_pretrained with a GPU device_map, then
+    # fully_shard), as `tunefit measure` ran its FSDP batch (data/calibration/h200-d-fsdp-2gpu.jsonl).
+    full_model_load_per_gpu: bool = False
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
