@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.measure.spec import ATTENTIONS, METHODS, OPTIMIZERS, PARALLELISMS, PRECISIONS, SpecError
+from app.core.setup import ATTENTIONS, METHODS, OPTIMIZERS, PARALLELISMS, PRECISIONS, TrainingSetup
+from app.measure.spec import RunSpec, SpecError
+
+_D = TrainingSetup  # the API's defaults are the core's
 
 
 def build_parser(prog: str = "tunefit measure") -> argparse.ArgumentParser:
@@ -22,19 +25,21 @@ def build_parser(prog: str = "tunefit measure") -> argparse.ArgumentParser:
     src.add_argument("--model-config", type=Path, help="a Hugging Face config.json file")
     src.add_argument("--plan", type=Path, help="a JSON/YAML batch: {batch, defaults, runs: [{field: value}]}")
     p.add_argument("--method", choices=METHODS, default="lora")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--precision", choices=PRECISIONS, default=_D.precision)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=_D.optimizer)
+    p.add_argument("--batch-size", type=int, default=_D.batch_size)
+    p.add_argument("--seq-len", type=int, default=_D.seq_len)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=_D.gradient_checkpointing)
+    p.add_argument("--attention", choices=ATTENTIONS, default=_D.attention)
+    p.add_argument("--lora-rank", type=int, default=_D.lora_rank)
     p.add_argument("--lora-alpha", type=int, default=None, help="default: 2 x rank")
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="module names or all-linear")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--num-gpus", type=int, default=1)
-    p.add_argument("--parallelism", choices=PARALLELISMS, default="ddp")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps; the first is the untimed warm-up")
+    p.add_argument("--lora-targets", default=",".join(_D.lora_targets), help="module names or all-linear")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=_D.double_quant)
+    p.add_argument("--num-gpus", type=int, default=_D.num_gpus)
+    p.add_argument("--parallelism", choices=PARALLELISMS, default=_D.parallelism)
+    p.add_argument("--steps", type=int, default=RunSpec.steps,
+                   help="optimizer steps; the first is the untimed warm-up")
     p.add_argument("--gc-reentrant", action="store_true", help="reentrant GC (default: non-reentrant)")
     p.add_argument("--out", type=Path, default=Path("measure.jsonl"), help="JSONL file to append to")
     p.add_argument("--batch", dest="batch_name", default=None, help="default: the plan's, or adhoc")

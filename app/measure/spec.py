@@ -9,11 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "lora", "qlora")
-PRECISIONS = ("bf16", "fp16", "fp32", "amp_bf16", "amp_fp16")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
-ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
-PARALLELISMS = ("ddp", "fsdp", "zero2", "zero3")
+# The core's field values and defaults (app/core/setup.py is stdlib-only, like this harness).
+from app.core.setup import ATTENTIONS, METHODS, OPTIMIZERS, PARALLELISMS, PRECISIONS, TrainingSetup
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where a model slug is looked up: the catalog's configs, then reduced configs used only for calibration.
@@ -39,18 +36,18 @@ class RunSpec:
     model_config: dict[str, Any]
     model_config_source: str
     method: str
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    seq_len: int = 2048
-    gradient_checkpointing: bool = True
-    attention: str = "sdpa"
-    lora_rank: int = 16
+    precision: str = TrainingSetup.precision
+    optimizer: str = TrainingSetup.optimizer
+    batch_size: int = TrainingSetup.batch_size
+    seq_len: int = TrainingSetup.seq_len
+    gradient_checkpointing: bool = TrainingSetup.gradient_checkpointing
+    attention: str = TrainingSetup.attention
+    lora_rank: int = TrainingSetup.lora_rank
     lora_alpha: int | None = None
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    double_quant: bool = True
-    num_gpus: int = 1
-    parallelism: str = "ddp"
+    lora_targets: tuple[str, ...] = TrainingSetup.lora_targets
+    double_quant: bool = TrainingSetup.double_quant
+    num_gpus: int = TrainingSetup.num_gpus
+    parallelism: str = TrainingSetup.parallelism
     steps: int = 6
     gc_use_reentrant: bool = False
     seed: int = 0
