@@ -31,9 +31,9 @@ from app.core.cost import CostOption, Ownership, cost_options, ownership, price_
 from app.core.engines import EngineConfig, engine_config
 from app.core.gpu import GIB, BudgetTier, GpuSpec, PriceQuote
 from app.core.notices import Notice
-from app.core.ranking import Job, Ranker, RankRow, rank, throughput_for_job
+from app.core.ranking import Job, Ranker, RankRow, job_schedule, rank, throughput_for_job
 from app.core.recommend import Recommendation, Wishes, recommend, with_method
-from app.core.schedule import job_time, plan_schedule, schedule_notices
+from app.core.schedule import job_time, schedule_notices
 from app.core.setup import TrainingSetup
 
 
@@ -43,20 +43,20 @@ class EstimateInput:
 
     config: Mapping[str, Any]
     model_name: str | None = None
-    method: str | None = None
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    seq_len: int = 2048
-    gradient_checkpointing: bool = True
-    attention: str = "sdpa"
-    lora_rank: int = 16
-    lora_alpha: int | None = None
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    double_quant: bool = True
+    method: str | None = None  # None: recommend one
+    precision: str = TrainingSetup.precision
+    optimizer: str = TrainingSetup.optimizer
+    batch_size: int = TrainingSetup.batch_size
+    seq_len: int = TrainingSetup.seq_len
+    gradient_checkpointing: bool = TrainingSetup.gradient_checkpointing
+    attention: str = TrainingSetup.attention
+    lora_rank: int = TrainingSetup.lora_rank
+    lora_alpha: int | None = None  # None: twice the rank
+    lora_targets: tuple[str, ...] = TrainingSetup.lora_targets
+    double_quant: bool = TrainingSetup.double_quant
     gpu: GpuSpec | None = None
-    num_gpus: int = 1
-    parallelism: str = "ddp"
+    num_gpus: int = TrainingSetup.num_gpus
+    parallelism: str = TrainingSetup.parallelism
     dataset_samples: int | None = None
     epochs: int = 1
     grad_accum: int = 1
@@ -259,6 +259,7 @@ def run(inp: EstimateInput) -> EstimateResult:
     else:
         setup = replace(setups[method], num_gpus=rec.num_gpus, parallelism=rec.parallelism)  # type: ignore[arg-type]
     mem = ranker.memory(setup)
+    sched = job_schedule(setup, job) if job.dataset_samples else None
     fits = headroom = None
     if gpu is not None:
         headroom = gpu.vram_bytes - mem.peak_bytes
@@ -304,15 +305,7 @@ def run(inp: EstimateInput) -> EstimateResult:
         )
         assumptions.extend(tp.assumptions)
         warnings.extend(advice.gc_notice(arch, setup, gpu, job, tp.tokens_per_s))
-        if job.dataset_samples:
-            sched = plan_schedule(
-                job.dataset_samples,
-                job.epochs,
-                setup.batch_size,
-                job.grad_accum,
-                setup.num_gpus,
-                job.tokens_per_sample or setup.seq_len,
-            )
+        if sched is not None:
             jt = job_time(sched, tp.tokens_per_s)
             time = TimeResult(
                 dataset_samples=sched.dataset_samples,
@@ -332,15 +325,7 @@ def run(inp: EstimateInput) -> EstimateResult:
             own = ownership(gpu, setup.num_gpus, jt.hours, inp.electricity_usd_per_kwh, rent)
             cost = CostResult(gpu=gpu.slug, num_gpus=setup.num_gpus, options=options, ownership=own)
             warnings.extend(price_notices(options))
-    elif job.dataset_samples:
-        sched = plan_schedule(
-            job.dataset_samples,
-            job.epochs,
-            setup.batch_size,
-            job.grad_accum,
-            setup.num_gpus,
-            job.tokens_per_sample or setup.seq_len,
-        )
+    elif sched is not None:
         warnings.extend(schedule_notices(sched))
     if gpu is not None:
         warnings.extend(advice.gpu_notices(gpu, setup))

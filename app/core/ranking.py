@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from app.core.architecture import Architecture
 from app.core.gpu import GIB, BudgetTier, GpuSpec, PriceQuote
 from app.core.memory import MemoryEstimate, estimate_memory
-from app.core.schedule import plan_schedule
+from app.core.schedule import Schedule, plan_schedule
 from app.core.setup import TrainingSetup
 from app.core.throughput import Throughput, estimate_throughput
 
@@ -282,10 +282,10 @@ def throughput_for_job(arch: Architecture, setup: TrainingSetup, gpu: GpuSpec, j
     return estimate_throughput(arch, timed, gpu, grad_accum=job.grad_accum)
 
 
-def job_hours(setup: TrainingSetup, job: Job, tokens_per_s: float) -> float:
-    """Hours of the job's schedule at a whole-setup throughput."""
+def job_schedule(setup: TrainingSetup, job: Job) -> Schedule:
+    """The job's optimizer steps and tokens at this setup's micro-batch and GPU count."""
     assert job.dataset_samples is not None
-    sched = plan_schedule(
+    return plan_schedule(
         job.dataset_samples,
         job.epochs,
         setup.batch_size,
@@ -293,6 +293,11 @@ def job_hours(setup: TrainingSetup, job: Job, tokens_per_s: float) -> float:
         setup.num_gpus,
         job.tokens_per_sample or setup.seq_len,
     )
+
+
+def job_hours(setup: TrainingSetup, job: Job, tokens_per_s: float) -> float:
+    """Hours of the job's schedule at a whole-setup throughput."""
+    sched = job_schedule(setup, job)
     return sched.tokens / tokens_per_s / 3600.0 if tokens_per_s > 0 else math.inf
 
 
