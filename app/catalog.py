@@ -6,7 +6,7 @@ import datetime as dt
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -26,9 +26,6 @@ from app.catalog_rows import (
     parse_row,
 )
 from app.models import BudgetTier, CatalogMeta, Gpu, Model, Price
-
-if TYPE_CHECKING:
-    from app.core import gpu as core_gpu
 
 
 class CatalogWriteError(ValueError):
@@ -182,14 +179,19 @@ def _assign(obj: Any, values: dict[str, Any]) -> bool:
     return changed
 
 
+def _upsert(session: Session, table: type[Gpu | Model | BudgetTier], row: Any, values: dict[str, Any]) -> str:
+    """Insert `values` as a new row of `table` when `row` is None, else update `row` in place."""
+    if row is None:
+        session.add(table(**values))
+        session.flush()
+        return "inserted"
+    return "updated" if _assign(row, values) else "unchanged"
+
+
 def upsert_gpu(session: Session, values: dict[str, Any]) -> str:
     """Insert or update a GPU by slug; returns 'inserted', 'updated' or 'unchanged'."""
     gpu = session.scalars(select(Gpu).where(Gpu.slug == values["slug"])).first()
-    if gpu is None:
-        session.add(Gpu(**values))
-        session.flush()
-        return "inserted"
-    return "updated" if _assign(gpu, values) else "unchanged"
+    return _upsert(session, Gpu, gpu, values)
 
 
 def _gpu_ids(session: Session) -> dict[str, int]:
@@ -322,10 +324,7 @@ def upsert_model(session: Session, values: dict[str, Any]) -> str:
         clash = get_model(session, values["hf_id"])
         if clash is not None:
             raise CatalogWriteError("hf_id", f"{values['hf_id']!r} is already the model {clash.slug!r}")
-        session.add(Model(**values))
-        session.flush()
-        return "inserted"
-    return "updated" if _assign(model, values) else "unchanged"
+    return _upsert(session, Model, model, values)
 
 
 def add_model(session: Session, payload: dict[str, Any]) -> tuple[Model, str]:
@@ -346,11 +345,7 @@ def add_model(session: Session, payload: dict[str, Any]) -> tuple[Model, str]:
 def upsert_tier(session: Session, values: dict[str, Any]) -> str:
     """Insert or update a budget tier by slug; returns 'inserted', 'updated' or 'unchanged'."""
     tier = session.scalars(select(BudgetTier).where(BudgetTier.slug == values["slug"])).first()
-    if tier is None:
-        session.add(BudgetTier(**values))
-        session.flush()
-        return "inserted"
-    return "updated" if _assign(tier, values) else "unchanged"
+    return _upsert(session, BudgetTier, tier, values)
 
 
 def stage_price(session: Session, values: dict[str, Any]) -> str:
@@ -386,58 +381,3 @@ def load_seed(
     if not seed_ok(reports):
         raise SeedError(reports)
     return reports
-
-
-# ---------------------------------------------------------------- values for the core
-
-
-def gpu_spec(gpu: Gpu) -> core_gpu.GpuSpec:
-    """The core's GpuSpec for a catalog GPU (VRAM as the total nvidia-smi reports, in bytes)."""
-    from app.core.gpu import MIB, GpuSpec
-
-    return GpuSpec(
-        slug=gpu.slug,
-        name=gpu.name,
-        vram_bytes=gpu.vram_total_mib * MIB,
-        bandwidth_bytes_per_s=gpu.bandwidth_gbps * 1e9,
-        bf16_tflops=gpu.bf16_tflops or 0.0,  # 0: no bf16 hardware; the core then uses fp16
-        fp16_tflops=gpu.fp16_tflops,
-        bf16_supported=gpu.bf16_supported,
-        board_power_w=gpu.board_power_w,
-        launch_price_usd=gpu.launch_price_usd,
-        consumer=gpu.consumer,
-        architecture=gpu.architecture,
-        compute_capability=gpu.compute_capability,
-        measured_bf16_tflops=gpu.measured_bf16_tflops,
-        platform=gpu.platform,
-        interconnect=gpu.interconnect,
-    )
-
-
-def price_quote(price: Price) -> core_gpu.PriceQuote:
-    """The core's PriceQuote for a stored observation."""
-    from app.core.gpu import PriceQuote
-
-    return PriceQuote(
-        gpu_slug=price.gpu.slug,
-        provider=price.provider,
-        kind=price.kind,
-        usd_per_hour=price.usd_per_gpu_hour,
-        observed_on=price.observed_on,
-        source=price.source,
-    )
-
-
-def budget_tier(tier: BudgetTier) -> core_gpu.BudgetTier:
-    """The core's BudgetTier for a stored tier."""
-    from app.core.gpu import BudgetTier as CoreTier
-
-    return CoreTier(
-        slug=tier.slug,
-        name=tier.name,
-        usd_min=tier.usd_min,
-        usd_max=tier.usd_max,
-        example_builds=tuple(tier.example_builds),
-        good_for=tier.good_for,
-        gpu_slugs=tuple(tier.gpu_slugs),
-    )

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import catalog
-from app.core.gpu import BudgetTier, GpuSpec, PriceQuote
+from app import catalog, models
+from app.core.gpu import MIB, BudgetTier, GpuSpec, PriceQuote
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,51 @@ class CatalogSnapshot:
         """The model with this slug or Hugging Face id (case-insensitive)."""
         return self._model_index.get(key.strip().lower())
 
-    def prices_for(self, gpu_slug: str) -> tuple[PriceQuote, ...]:
-        """The newest prices of one GPU."""
-        return tuple(p for p in self.prices if p.gpu_slug == gpu_slug)
+
+def gpu_spec(gpu: models.Gpu) -> GpuSpec:
+    """The core's GpuSpec for a catalog GPU (VRAM as the total nvidia-smi reports, in bytes)."""
+    return GpuSpec(
+        slug=gpu.slug,
+        name=gpu.name,
+        vram_bytes=gpu.vram_total_mib * MIB,
+        bandwidth_bytes_per_s=gpu.bandwidth_gbps * 1e9,
+        bf16_tflops=gpu.bf16_tflops or 0.0,  # 0: no bf16 hardware; the core then uses fp16
+        fp16_tflops=gpu.fp16_tflops,
+        bf16_supported=gpu.bf16_supported,
+        board_power_w=gpu.board_power_w,
+        launch_price_usd=gpu.launch_price_usd,
+        consumer=gpu.consumer,
+        architecture=gpu.architecture,
+        compute_capability=gpu.compute_capability,
+        measured_bf16_tflops=gpu.measured_bf16_tflops,
+        platform=gpu.platform,
+        interconnect=gpu.interconnect,
+    )
+
+
+def price_quote(price: models.Price) -> PriceQuote:
+    """The core's PriceQuote for a stored observation."""
+    return PriceQuote(
+        gpu_slug=price.gpu.slug,
+        provider=price.provider,
+        kind=price.kind,
+        usd_per_hour=price.usd_per_gpu_hour,
+        observed_on=price.observed_on,
+        source=price.source,
+    )
+
+
+def budget_tier(tier: models.BudgetTier) -> BudgetTier:
+    """The core's BudgetTier for a stored tier."""
+    return BudgetTier(
+        slug=tier.slug,
+        name=tier.name,
+        usd_min=tier.usd_min,
+        usd_max=tier.usd_max,
+        example_builds=tuple(tier.example_builds),
+        good_for=tier.good_for,
+        gpu_slugs=tuple(tier.gpu_slugs),
+    )
 
 
 _lock = threading.Lock()
@@ -69,9 +111,9 @@ def load_snapshot(session: Session) -> CatalogSnapshot:
     gpus = catalog.list_gpus(session)
     return CatalogSnapshot(
         updated=catalog.catalog_last_updated(session),
-        gpus=tuple(catalog.gpu_spec(listing.gpu) for listing in gpus),
-        prices=tuple(catalog.price_quote(p) for listing in gpus for p in listing.latest_prices),
-        tiers=tuple(catalog.budget_tier(t) for t in catalog.list_tiers(session)),
+        gpus=tuple(gpu_spec(listing.gpu) for listing in gpus),
+        prices=tuple(price_quote(p) for listing in gpus for p in listing.latest_prices),
+        tiers=tuple(budget_tier(t) for t in catalog.list_tiers(session)),
         models=tuple(
             CatalogModel(m.slug, m.hf_id, m.name, MappingProxyType(dict(m.config)))
             for m in catalog.list_models(session)

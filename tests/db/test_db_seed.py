@@ -13,7 +13,7 @@ from dbhelp import DATA_DIR, counts
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import catalog
+from app import catalog, catalog_cache
 from app.models import PRICE_KINDS, Gpu, Price
 
 
@@ -63,7 +63,7 @@ def test_vram_is_what_nvidia_smi_reports(seeded: Callable[[], Session]) -> None:
         for slug, mib in expected_mib.items():
             gpu = catalog.get_gpu(s, slug)
             assert gpu is not None and gpu.vram_total_mib == mib, slug
-        spec = catalog.gpu_spec(catalog.get_gpu(s, "rtx-4090"))  # type: ignore[arg-type]
+        spec = catalog_cache.gpu_spec(catalog.get_gpu(s, "rtx-4090"))  # type: ignore[arg-type]
         assert spec.vram_bytes == 24_564 * 2**20 and spec.bf16_tflops == 165.2
         t4 = catalog.get_gpu(s, "t4")
         assert t4 is not None and not t4.bf16_supported and t4.bf16_tflops is None
