@@ -67,16 +67,22 @@ def predict(rec: dict[str, Any], gpu: GpuSpec, cal: Calibration) -> float:
 
 
 WORST_WEIGHT = 40.0  # the test bounds every run, so the worst error weighs heavily
+# Robust cap: a run whose log error exceeds this is missing a mechanism, not a constant; counting it at
+# the cap keeps one unexplained run (c-large-007, full fine-tuning of the MoE) from bending every constant.
+ERROR_CAP = 0.25
 
 
 def loss(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration) -> float:
-    """Sum of squared log errors plus a penalty on the worst run (the test bounds the worst)."""
-    errs = [math.log(predict(r, gpu, cal) / r["tokens_per_s"]) for r in recs]
-    return sum(e * e for e in errs) + WORST_WEIGHT * max(abs(e) for e in errs) ** 2
+    """Sum of squared log errors plus a penalty on the worst run, each error capped (robust fit)."""
+    errs = [abs(math.log(predict(r, gpu, cal) / r["tokens_per_s"])) for r in recs]
+    explained = [e for e in errs if e < ERROR_CAP] or [ERROR_CAP]
+    return sum(min(e, ERROR_CAP) ** 2 for e in errs) + WORST_WEIGHT * max(explained) ** 2
 
 
 # bandwidth_eff stays at its prior (80% of spec for streaming kernels): it is degenerate with the
-# optimizer's traffic constants on these runs.
+# optimizer's traffic constants on these runs. host_ops_per_expert stays at its prior (one op per
+# per-expert mm of the fp32 grouped-GEMM fallback): the only run using it (c-large-009) spends that loop
+# GPU-bound, so it cannot identify it.
 FITTED = (
     "matmul_eff",
     "attn_eff",
@@ -90,7 +96,6 @@ FITTED = (
     "overlap_p",
     "host_ops_lora",
     "host_ops_qlora_linear",
-    "host_ops_per_expert",
     "dequant_bytes",
     "fp32_attn_eff",
     "logits_bytes",
@@ -189,8 +194,6 @@ def _uses(rec: dict[str, Any], name: str) -> bool:
         return rec["method"] != "full" and bool(rec["gradient_checkpointing"])
     if name == "host_ops_lora":
         return rec["method"] != "full"
-    if name == "host_ops_per_expert":
-        return bool(rec["model_config"].get("num_experts") or rec["model_config"].get("num_local_experts"))
     if name == "host_ops_gc_per_layer":
         return bool(rec["gradient_checkpointing"])
     return True

@@ -8,7 +8,9 @@ One micro-step (batch x seq tokens per GPU) is modelled from mechanisms, then ti
 - memory traffic of elementwise work (norms, RoPE, SwiGLU, residuals, logits/loss, LoRA casts),
   QLoRA's dequantization of every NF4 weight per pass, and the optimizer step;
 - host time: PyTorch eager dispatches every kernel from Python; the GPU runs asynchronously, so a
-  step takes max(GPU time, host time): small models and batches are launch-bound.
+  step takes max(GPU time, host time): small models and batches are launch-bound. Device-to-host
+  syncs (torch's fp32 grouped-GEMM fallback for MoE experts) split the step into segments that
+  overlap only within themselves.
 Reference stack (design.md): plain PyTorch loop, transformers/peft/bitsandbytes as on the H200.
 The efficiency constants in CALIBRATION are fitted on the H200 runs of data/calibration/ (see
 scripts/fit_throughput.py); other GPUs are scaled by their tensor rate and bandwidth.
@@ -22,6 +24,7 @@ from app.core.activations import dtypes_for, lora_target_names, sdpa_math
 from app.core.architecture import Architecture
 from app.core.gpu import GpuSpec, interconnect_of
 from app.core.setup import TrainingSetup
+from app.core.throughput_host import HOST_OPS_HEAD_AND_LOSS, fallback_expert_mms, host_kernels
 
 CALIBRATION_GPU = "h200"
 
@@ -43,7 +46,7 @@ class Calibration:
     overlap_p: float  # host/GPU overlap: step = (gpu^p + host^p)^(1/p); large p is a perfect max
     host_ops_lora: float  # host cost of one peft LoRA wrapper call (op equivalents, per pass)
     host_ops_qlora_linear: float  # host cost of one bnb Linear4bit call (dequantize, casts), per pass
-    host_ops_per_expert: float  # MoE: host cost per expert per MoE layer per pass
+    host_ops_per_expert: float  # MoE fp32 experts: host cost of one mm of the grouped-GEMM fallback loop
     dequant_bytes: float  # effective HBM bytes per NF4 parameter per dequantization (read 0.5, write 2)
     fp32_attn_eff: float  # share of the fp32 peak SDPA reaches on fp32 inputs (QLoRA's fp32 stream)
     logits_bytes: float  # HBM bytes per vocabulary entry per token for logits, fp32 upcast and loss
@@ -57,44 +60,48 @@ class Calibration:
 
 
 # Fitted by scripts/fit_throughput.py --fit (Nelder-Mead in log space, squared log errors plus a heavy
-# weight on the worst run) on every single-GPU H200 run of data/calibration/h200-{a,b,c}-*.jsonl, from
-# starting values read off run pairs: host cost from the host-bound batch-1 runs (a-014 full/SGD 55.6 ms,
-# a-016 LoRA 46.1 ms), AdamW traffic from a-001 minus a-014, 8-bit/Adafactor from a-012/013/015,
-# checkpointing from a-006 minus a-001, QLoRA's per-Linear4bit and dequantization cost from b-022..026
-# against their LoRA twins, fp32 attention from b-026 (4096 tokens) against b-023, MoE from c-007..009.
+# weight on the worst run, each error capped at 25% so that a run missing a mechanism does not bend every
+# constant) on every single-GPU H200 run of data/calibration/h200-{a,b,c}-*.jsonl, from starting values
+# read off run pairs: host cost from the host-bound batch-1 runs (a-014 full/SGD 55.6 ms, a-016 LoRA
+# 46.1 ms), AdamW traffic from a-001 minus a-014, 8-bit/Adafactor from a-012/013/015, checkpointing from
+# a-006 minus a-001, QLoRA's per-Linear4bit and dequantization cost from b-022..026 against their LoRA
+# twins, fp32 attention from b-026 (4096 tokens) against b-023. MoE needs no fitted constant: its host ops
+# are counted (_HOST_OPS_MOE_*) and host_ops_per_expert is a prior (one op per mm of the fp32 fallback).
 # Bounds keep each constant physical (scripts/fit_throughput.py BOUNDS): SDPA at 25% of the dense
 # peak and fp32 GEMMs at 50% of the fp32 peak are where the fit rests at the edge of those bounds.
 # score_bytes_math rests at its lower bound (24 B per score: one fp32 write and read each way), so the
 # math kernel's fp32 GEMMs, not its traffic, carry b-026's cost. Single-GPU constants are fitted on the
 # single-GPU runs, then the three multi-GPU ones on batch d with those held.
-# Accuracy: median |error| 6.0%, 55 of 63 single-GPU runs within 15%, worst 21.2%; two-GPU runs within 6%
-# (tests/core/test_throughput_calibration.py, which also states the step-spread rule for noisy runs).
+# Accuracy: median |error| 4.7%, 56 of 63 single-GPU runs within 15%, worst 19.5% but for c-large-007
+# (full fine-tuning of the 8-layer Qwen3-MoE, +51%: the model misses a cost of MoE full fine-tuning
+# that its LoRA twin c-008 does not have); two-GPU runs within 6% (tests/core/test_throughput_calibration.py,
+# which also states the step-spread rule for noisy runs).
 CALIBRATION = Calibration(
-    matmul_eff=0.702,
+    matmul_eff=0.6917,
     attn_eff=0.25,
     fp32_eff=0.5,
     bandwidth_eff=0.8,
-    host_s_per_kernel=1.603e-05,
-    adamw_passes=23.49,
-    bnb8_bytes=110.8,
-    adafactor_passes=47.74,
-    host_ops_gc_per_layer=158.2,
-    host_ops_per_trained_tensor=9.8,
-    overlap_p=6.71,
-    host_ops_lora=9.89,
-    host_ops_qlora_linear=12.28,
-    host_ops_per_expert=0.81,
-    dequant_bytes=15.97,
-    fp32_attn_eff=0.286,
-    logits_bytes=124.0,
-    host_ops_gc_per_wrapper=14.77,
+    host_s_per_kernel=1.562e-05,
+    adamw_passes=19.53,
+    bnb8_bytes=112.2,
+    adafactor_passes=39.44,
+    host_ops_gc_per_layer=154.7,
+    host_ops_per_trained_tensor=11.8,
+    overlap_p=7.92,
+    host_ops_lora=9.18,
+    host_ops_qlora_linear=13.17,
+    host_ops_per_expert=1.0,
+    dequant_bytes=17.54,
+    fp32_attn_eff=0.311,
+    logits_bytes=108.4,
+    host_ops_gc_per_wrapper=19.79,
     # multi-GPU: fitted on h200-d-fsdp-2gpu 001-004 only (FSDP2 on two NVLink H200s): the collectives
     # reach the link's rate, but only ~19% of the compute hides them, and FSDP2's per-layer hooks cost
     # ~1.9 ms of host time per layer and pass; PCIe and more than two GPUs are extrapolated.
     comm_eff=1.0,
-    comm_overlap=0.211,
-    host_ops_shard_per_layer=117.3,
-    score_bytes_eager=85.1,
+    comm_overlap=0.188,
+    host_ops_shard_per_layer=121.4,
+    score_bytes_eager=87.9,
     score_bytes_math=24.0,
     fitted_on=(
         "h200-d-fsdp-2gpu (4 two-GPU FSDP2 runs) and "
@@ -124,17 +131,6 @@ _FP32_SHARE = (
     ("cdna", 1 / 8),
     ("apple", 1.0),
 )
-
-# Host work in "kernel equivalents" (one eager op dispatched from Python), counted from the transformers
-# 5 modeling code: a Llama-style layer's forward launches ~40 ops besides its projections (2 RMSNorms of
-# ~7 ops, RoPE ~12, SDPA, residual adds, SwiGLU, reshape copies), one GEMM per projection; QLoRA's
-# Linear4bit adds dequantize + 2 casts; a peft LoRA wrapper adds cast, lora_A, lora_B, scale, add, cast.
-# Backward: twice the non-GEMM ops, one GEMM per frozen projection and two per trained one, ~8 per LoRA
-# adapter. Each trained tensor costs an AccumulateGrad node and a gradient allocation; non-reentrant
-# gradient checkpointing runs Python pack/unpack hooks per saved tensor on top of the recomputation.
-_HOST_OPS_PER_LAYER = 40
-_HOST_OPS_EAGER = 15
-_HOST_OPS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll, grads
 
 # Elementwise bytes per token per layer per pass, in units of (hidden + intermediate) x element size:
 # RMSNorm reads/writes ~3 hidden-wide tensors each (x2), RoPE ~4 q/k-wide, residual adds 3, SwiGLU
@@ -175,6 +171,12 @@ class _Work:
     comm_bytes: float  # per micro-step, over the interconnect
     comm_per_optimizer_step: bool
     model_flops: float  # per token
+    # Device-to-host syncs inside the step (the fp32 grouped-GEMM fallback of MoE experts) stop the host
+    # from running ahead of the GPU, so the segments between them overlap separately: the expert loops
+    # (fp32 FLOPs, kernels) and the lm_head/loss segment (16-bit FLOPs, fp32 FLOPs, stream bytes, kernels)
+    # are timed on their own instead of inside one step-wide max(GPU, host).
+    synced_experts: tuple[float, float] = (0.0, 0.0)
+    synced_head: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
 
 def fp32_tflops(gpu: GpuSpec) -> float:
@@ -209,8 +211,10 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     experts_all = arch.expert_params
     router = arch.router_params
     # QLoRA: bitsandbytes quantizes nn.Linear only; transformers 5 keeps MoE experts as 3D parameters,
-    # which prepare_model_for_kbit_training casts to fp32, so their GEMMs run at the fp32 rate.
-    experts_fp32 = qlora and arch.is_moe
+    # which prepare_model_for_kbit_training casts to fp32, so their GEMMs run at the fp32 rate. fp32
+    # training and autocast's fp32 masters do the same: transformers casts the grouped GEMM's input to
+    # the weight's dtype (integrations/moe.py: grouped_mm is not autocast-enabled).
+    experts_fp32 = arch.is_moe and (qlora or setup.precision in ("fp32", "amp_bf16", "amp_fp16"))
     layer_flops = 2.0 * (lin + router + (0 if experts_fp32 else experts_active))  # forward, per token
     head = 2.0 * h * v
     adapter = sum(x.layers * r * (x.in_features + x.out_features) for x in arch.linears if x.name in targets)
@@ -225,7 +229,8 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     fwd, recompute, bwd_act, bwd_w = layer_flops * t, layer_flops * t if gc else 0.0, layer_flops * t, 0.0
     if full:
         bwd_w = layer_flops * t
-    fp32_flops = 2.0 * experts_active * t * (3 if gc else 2) if experts_fp32 else 0.0
+    expert_passes = 2 + (1 if gc else 0) + (1 if full else 0)  # fwd, dX, recompute, dW
+    fp32_flops = 2.0 * experts_active * t * expert_passes if experts_fp32 else 0.0
     if head_fp32:
         fp32_flops += head * t * (3 if full else 2)
         if setup.precision == "fp32":
@@ -270,6 +275,13 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     for x in arch.linears:
         if x.name in targets:  # peft casts x to fp32 and the fp32 result back, per adapter and pass
             stream += x.layers * (x.in_features * (act + 4) + x.out_features * 12) * t * n_pass
+    if arch.fused_qkv:
+        # q, k and v are slices of one fused output (Phi-3's qkv[..., :q_pos] etc.); each SliceBackward
+        # materializes a zero-filled full-width gradient and copies its slice in (aten slice_backward),
+        # then autograd adds the three: ~11 passes over the fused width per token in backward (the CPU
+        # dispatcher count of a Phi-3 layer shows 5 more slice_backward/cat than a Llama layer).
+        qkv_width = arch.q_width + 2 * arch.num_kv_heads * arch.head_dim
+        stream += 11.0 * qkv_width * act * t * layers
     if materialized:
         # Materialized scores (b x heads x s^2 per layer) round-trip through HBM: QK^T write, softmax
         # in fp32, PV read, about twice that in backward. Eager also adds the 4D causal mask and casts
@@ -292,25 +304,21 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     opt_bytes /= shards if setup.parallelism in ("fsdp", "zero2", "zero3") and full else 1
     comm, per_opt = _comm_bytes(arch, setup, trainable, p_elem)
 
-    n_lin, n_lora = len(arch.linears), len(targets)
-    base_ops = _HOST_OPS_PER_LAYER + (_HOST_OPS_EAGER if setup.attention == "eager" else 0)
-    base_ops += 7 * max(arch.norms_per_layer - 2, 0) + (3 if arch.attn_logit_softcapping else 0)
-    # per pass (forward, backward, recompute): a peft LoRA wrapper and a bnb Linear4bit are Python
-    # modules/autograd functions whose per-call host cost is fitted (in op equivalents)
-    wrapper_ops = n_lora * c.host_ops_lora + (n_lin * c.host_ops_qlora_linear if qlora else 0.0)
-    # autocast: each F.linear dispatches a cast of its input and of its fp32 weight (frozen weights are
-    # not in autocast's cast cache), and backward runs the input cast's ToCopyBackward: ~3 extra ops per
-    # Linear (b-architectures-031 vs its bf16 twins 020/027/028/032; a-011 vs a-001)
-    amp_ops = 2 * n_lin if d.autocast and not qlora else 0
-    fwd_ops = base_ops + n_lin + wrapper_ops + amp_ops
-    bwd_ops = 2 * base_ops + n_lin * (2 if full else 1) + wrapper_ops + amp_ops // 2
-    n_wrap = n_lora + (n_lin if qlora else 0)
-    gc_ops = (fwd_ops + c.host_ops_gc_per_layer + n_wrap * c.host_ops_gc_per_wrapper) if gc else 0.0
-    moe_ops = c.host_ops_per_expert * arch.num_experts * (2 + (1 if gc else 0))
-    kernels = layers * (fwd_ops + bwd_ops + gc_ops) + arch.num_moe_layers * moe_ops + _HOST_OPS_HEAD_AND_LOSS
-    kernels += c.host_ops_per_trained_tensor * _trained_tensors(arch, setup, targets)
-    if setup.num_gpus > 1 and setup.parallelism in ("fsdp", "zero3"):
-        kernels += c.host_ops_shard_per_layer * layers * (2 + (1 if gc else 0))
+    kernels = host_kernels(arch, setup, targets, c)
+    synced_experts = (0.0, 0.0)
+    synced_head = (0.0, 0.0, 0.0, 0.0)
+    if experts_fp32 and arch.num_moe_layers:
+        # torch's grouped GEMM runs its CUTLASS kernel only for bf16 (aten GroupedBlas.cpp, sm90/sm100);
+        # fp32 experts take _grouped_mm_fallback: offs.cpu() (a device-to-host sync) and one mm per expert
+        # that received tokens. Each sync drains the GPU queue, so the expert GEMMs and the lm_head/loss
+        # work (QLoRA: fp32 GEMMs, GPU-heavy) no longer hide under the host's dispatching: they are
+        # timed as segments of their own (run c-large-009, +19% before, within 4% after).
+        expert_kernels = c.host_ops_per_expert * fallback_expert_mms(arch, setup)
+        synced_experts = (2.0 * experts_active * t * expert_passes, expert_kernels)
+        head_fp32_flops = head * t * (3 if full else 2) if head_fp32 else 0.0
+        head_gemm = 0.0 if head_fp32 else head * t * (3 if full else 2)
+        synced_head = (head_gemm, head_fp32_flops, c.logits_bytes * v * t, float(HOST_OPS_HEAD_AND_LOSS))
+        kernels += expert_kernels
 
     model_flops = (6.0 if full else 4.0) * (lin + experts_active + router + h * v) + attn_fwd / t * (
         3.5 if causal else 3.0
@@ -330,18 +338,9 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         comm_bytes=comm,
         comm_per_optimizer_step=per_opt,
         model_flops=model_flops,
+        synced_experts=synced_experts,
+        synced_head=synced_head,
     )
-
-
-def _trained_tensors(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> int:
-    """How many parameter tensors receive gradients (AccumulateGrad nodes, optimizer tensor lists)."""
-    if setup.method != "full":
-        return 2 * sum(x.layers for x in arch.linears if x.name in targets)
-    tensors = (
-        1 + (0 if arch.tie_embeddings else 1) + sum(x.layers * (2 if x.bias else 1) for x in arch.linears)
-    )
-    tensors += arch.num_layers * (arch.norms_per_layer + (2 if arch.qk_norm else 0)) + 1
-    return tensors + 3 * arch.num_moe_layers  # fused expert gate_up and down, router
 
 
 def _optimizer_bytes(optimizer: str, p_elem: int, cal: Calibration) -> float:
@@ -418,7 +417,20 @@ def estimate_throughput(
     # hence a smooth maximum. The optimizer step runs on the GPU after the last gradient, behind
     # everything queued, before the loss is read: it adds.
     p = c.overlap_p
-    compute_s = (gpu_s**p + host_s**p) ** (1 / p) + optimizer
+
+    def overlap(g: float, h: float) -> float:
+        return float((g**p + h**p) ** (1 / p)) if g > 0 or h > 0 else 0.0
+
+    # Segments separated by device-to-host syncs overlap host and GPU only within themselves.
+    exp_flops, exp_kernels = w.synced_experts
+    head_gemm, head_fp32, head_bytes, head_kernels = w.synced_head
+    exp_gpu, exp_host = exp_flops / f32_rate, exp_kernels * c.host_s_per_kernel
+    head_gpu = head_gemm / mm_rate + head_fp32 / f32_rate + head_bytes / bw
+    head_host = head_kernels * c.host_s_per_kernel
+    rest_gpu = max(gpu_s - exp_gpu - head_gpu, 0.0)
+    rest_host = max(host_s - exp_host - head_host, 0.0)
+    compute_s = overlap(rest_gpu, rest_host) + overlap(exp_gpu, exp_host) + overlap(head_gpu, head_host)
+    compute_s += optimizer
 
     comm_s = 0.0
     if setup.num_gpus > 1:

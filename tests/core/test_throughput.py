@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from app.core.architecture import Architecture, parse_config
 from app.core.gpu import interconnect_of
 from app.core.setup import TrainingSetup
 from app.core.throughput import _work, estimate_throughput, fp32_tflops
 from tests.core.catalog_values import A100_80GB, H100_SXM, H200, RTX_3060, RTX_4090, T4, seed_gpu
-from tests.core.helpers import arch
+from tests.core.helpers import arch, config
 
 LLAMA8 = arch("llama-3.1-8b")
 
@@ -104,3 +105,44 @@ def test_fsdp_full_over_pcie_pays_for_communication() -> None:
     assert "NVLink" in interconnect_of(H100_SXM).name and "PCIe" in interconnect_of(RTX_4090).name
     assert "peer-to-peer" in interconnect_of(RTX_4090).name  # GeForce 40: no P2P
     assert any("FSDP" in a for a in nvlink.assumptions)
+
+
+def _moe(experts: int) -> Architecture:
+    cfg = {**config("qwen3-30b-a3b"), "num_hidden_layers": 8, "num_experts": experts}
+    return parse_config(cfg)
+
+
+def test_moe_host_ops_do_not_grow_with_experts_in_16_bit() -> None:
+    # transformers 5 runs 16-bit experts as two grouped GEMMs per layer (one CUTLASS kernel each): the
+    # host dispatches the same ops for 64 or 128 experts (c-large-008: LoRA, host-bound, within 10%)
+    setup = TrainingSetup(method="lora", batch_size=2, seq_len=1024)
+    assert _work(_moe(64), setup, 1).kernels == _work(_moe(128), setup, 1).kernels
+    assert _work(_moe(128), setup, 1).synced_experts == (0.0, 0.0)
+
+
+def test_fp32_experts_take_the_synchronizing_fallback() -> None:
+    # QLoRA keeps the experts in fp32: torch's grouped GEMM falls back to one mm per expert after a
+    # device-to-host sync, so the expert GEMMs and the fp32 lm_head no longer hide under host time
+    setup = TrainingSetup(method="qlora", batch_size=2, seq_len=1024)
+    few, many = _work(_moe(64), setup, 1), _work(_moe(128), setup, 1)
+    assert many.kernels > few.kernels
+    assert many.synced_experts[0] > 0 and many.synced_head[1] > 0  # fp32 expert and lm_head FLOPs
+    tp = estimate_throughput(_moe(128), setup, H200)
+    b = tp.breakdown_s
+    # segments add: the step is longer than the plain max of GPU and host time
+    assert tp.step_s > max(b["gpu_s"], b["host_s"])
+    # amp's fp32 masters reach the grouped GEMM in fp32 too (transformers casts the input to the weight)
+    amp = TrainingSetup(method="full", precision="amp_bf16", batch_size=2, seq_len=1024)
+    assert _work(_moe(128), amp, 1).synced_experts[1] > 0
+
+
+def test_qk_norm_and_fused_qkv_cost_what_their_modules_dispatch() -> None:
+    setup = TrainingSetup(method="lora", batch_size=4, seq_len=1024)
+    qwen3 = arch("qwen3-8b")
+    plain = replace(qwen3, qk_norm=False)
+    assert _work(qwen3, setup, 1).kernels > _work(plain, setup, 1).kernels  # two RMSNorms per layer
+    phi3 = arch("phi-3-mini-4k-instruct")
+    assert phi3.fused_qkv
+    unfused = replace(phi3, fused_qkv=False)
+    # backward of the q/k/v slices: zero-filled full-width gradients summed (aten slice_backward)
+    assert _work(phi3, setup, 1).stream_bytes > _work(unfused, setup, 1).stream_bytes
