@@ -15,7 +15,7 @@ from app import catalog, catalog_cache
 from app.catalog_cache import CatalogSnapshot
 from app.config import Settings
 from app.core.errors import CoreInputError
-from app.core.gpu import GIB, GpuSpec
+from app.core.gpu import GpuSpec
 from app.errors import InputError, Source, UnknownGpuError, UnknownModelError
 from app.schemas import EstimateRequest
 from app.version import VERSION
@@ -72,9 +72,7 @@ def run_estimate(session: Session, request: EstimateRequest, source: Source = "b
     except CoreInputError as exc:
         raise InputError(exc.field, exc.message, source) from exc
     body = to_jsonable(result)
-    meta = body.setdefault("meta", {})
-    meta["version"] = VERSION
-    meta["catalog_updated"] = snap.updated.isoformat() if snap.updated else None
+    body["meta"] = _meta(snap)
     return body
 
 
@@ -170,6 +168,7 @@ def _field_names(kind: type) -> tuple[str, ...] | None:
 
 
 def _meta(snap: CatalogSnapshot) -> dict[str, Any]:
+    """The `meta` object of every response: tunefit's version and the catalog's last update."""
     return {"version": VERSION, "catalog_updated": snap.updated.isoformat() if snap.updated else None}
 
 
@@ -279,8 +278,3 @@ def summary_text(result: Mapping[str, Any]) -> str:
     for warning in result.get("warnings") or []:
         lines.append(f"warning [{warning.get('code')}]: {warning.get('message')}")
     return "\n".join(lines)
-
-
-def gib(n_bytes: int | float) -> float:
-    """Bytes as GiB (2^30), unrounded."""
-    return n_bytes / GIB
