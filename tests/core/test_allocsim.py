@@ -105,7 +105,15 @@ def _random_cases(n: int) -> list[tuple[str, TrainingSetup]]:
     return cases
 
 
-@pytest.mark.parametrize(("slug", "setup"), EQUIVALENCE + _random_cases(12))
+# bench_core's cold grid: shapes whose repeats fill segments, and ones whose layers share a segment
+GRID = [
+    ("llama-3.1-8b", TrainingSetup("qlora", batch_size=b, seq_len=s))
+    for b in (1, 2, 4, 8)
+    for s in (256, 512, 1000, 2048, 4096)
+]
+
+
+@pytest.mark.parametrize(("slug", "setup"), EQUIVALENCE + _random_cases(12) + GRID)
 def test_skipping_repeats_is_exact(slug: str, setup: TrainingSetup) -> None:
     a = arch(slug)
     plan = build_plan(a, setup, _static(a, _shape_key(setup)).targets)
@@ -134,7 +142,7 @@ def _state(sim: AllocatorSim) -> tuple[object, ...]:
     return (sorted(sim._free), blocks, sim._live, sim._segs, sim._small, sim._small_peak, *counters)
 
 
-@pytest.mark.parametrize(("slug", "setup"), EQUIVALENCE[:8])
+@pytest.mark.parametrize(("slug", "setup"), EQUIVALENCE[:8] + GRID[::3])
 def test_skipping_repeats_leaves_the_same_allocator(slug: str, setup: TrainingSetup) -> None:
     a = arch(slug)
     plan = build_plan(a, setup, _static(a, _shape_key(setup)).targets)
