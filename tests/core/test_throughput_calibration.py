@@ -6,8 +6,10 @@ step) cannot refute the prediction, so it is reported but held only to WORST; to
 0.150-0.191 s). The other six beyond 15% are model misses: Phi-3 LoRA on the fused qkv_proj (b-009,
 +19.5%), Llama-3.1-8B QLoRA vs Mistral-7B LoRA (c-001 +19.5%, c-006 -16%: same shapes but vocabulary,
 farther apart than the vocabulary's logits/loss work explains), Qwen2.5-14B QLoRA (c-010, -16%: its QLoRA
-overhead per layer is a third of Llama-3.1-8B's, c-001, at larger layers), a-016 (-16%, host-bound 1B LoRA
-batch 1), all held to WORST; and c-007, full fine-tuning of the 8-layer Qwen3-MoE (+51%: its LoRA and
+overhead per layer, over its LoRA twin c-011, is under half of Llama-3.1-8B's at larger layers; c-010..012
+ran in a second device call), a-016 (-16%, host-bound 1B LoRA batch 1; batch a ran on another machine with
+spawn isolation, and its host-bound runs a-006/a-014/a-016 all came out faster than predicted), all held
+to WORST; and c-007, full fine-tuning of the 8-layer Qwen3-MoE (+51%: its LoRA and
 QLoRA twins c-008/c-009 are within 10%, so the model lacks a cost that only MoE full fine-tuning has, in
 the experts' weight gradients or their optimizer step), held to its own bound until that mechanism is
 found. The bounds below are what the model achieves, so a regression fails the test. Table:
