@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.core.setup import Attention, Method, Optimizer, Parallelism, Precision
+from app.core.setup import Attention, Method, Optimizer, Parallelism, Precision, TrainingSetup
 
 # Bounds: outside them a value is a typo (422); inside them but absurd (a 10^12-token sequence) the
 # estimate answers 200 with `fits` false and a warning.  10^15 keeps every integer exact in
@@ -23,7 +23,7 @@ MAX_GRAD_ACCUM = 1_000_000
 MAX_BUDGET_USD = 1e12
 MAX_LORA_TARGETS = 64
 SLUG_MAX = 200
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+DEFAULT_LORA_TARGETS = TrainingSetup.lora_targets
 _MODULE_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 
 Slug = Annotated[str, Field(min_length=1, max_length=SLUG_MAX)]
@@ -52,18 +52,22 @@ class EstimateFields(BaseModel):
         examples=["llama-3.1-8b"],
     )
     method: Method | None = Field(None, description="full | lora | qlora; omitted: tunefit recommends one.")
-    precision: Precision = "bf16"
-    optimizer: Optimizer = "adamw"
-    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, description="Micro-batch per GPU.")
-    seq_len: int = Field(2048, ge=1, le=MAX_SEQ_LEN, description="Tokens per sequence.")
-    gradient_checkpointing: bool = True
-    attention: Attention = "sdpa"
-    lora_rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    precision: Precision = TrainingSetup.precision
+    optimizer: Optimizer = TrainingSetup.optimizer
+    batch_size: int = Field(
+        TrainingSetup.batch_size, ge=1, le=MAX_BATCH_SIZE, description="Micro-batch per GPU."
+    )
+    seq_len: int = Field(TrainingSetup.seq_len, ge=1, le=MAX_SEQ_LEN, description="Tokens per sequence.")
+    gradient_checkpointing: bool = TrainingSetup.gradient_checkpointing
+    attention: Attention = TrainingSetup.attention
+    lora_rank: int = Field(TrainingSetup.lora_rank, ge=1, le=MAX_LORA_RANK)
     lora_alpha: int | None = Field(None, ge=1, le=1 << 30, description="Default: 2 × lora_rank.")
-    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
+    double_quant: bool = Field(
+        TrainingSetup.double_quant, description="QLoRA: quantize the quantization constants too."
+    )
     gpu: Slug | None = Field(None, description="Catalog GPU slug; omitted: rank the catalog.")
-    num_gpus: int = Field(1, ge=1, le=MAX_NUM_GPUS)
-    parallelism: Parallelism = "ddp"
+    num_gpus: int = Field(TrainingSetup.num_gpus, ge=1, le=MAX_NUM_GPUS)
+    parallelism: Parallelism = TrainingSetup.parallelism
     dataset_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM)
