@@ -171,12 +171,13 @@ class _Work:
     comm_bytes: float  # per micro-step, over the interconnect
     comm_per_optimizer_step: bool
     model_flops: float  # per token
-    # Device-to-host syncs inside the step (the fp32 grouped-GEMM fallback of MoE experts) stop the host
-    # from running ahead of the GPU, so the segments between them overlap separately: the expert loops
-    # (fp32 FLOPs, kernels) and the lm_head/loss segment (16-bit FLOPs, fp32 FLOPs, stream bytes, kernels)
-    # are timed on their own instead of inside one step-wide max(GPU, host).
-    synced_experts: tuple[float, float] = (0.0, 0.0)
-    synced_head: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # MoE experts: (GEMM FLOPs, per-expert mm calls if torch's grouped GEMM falls back to its loop,
+    # weights in fp32, weights in bf16), and the lm_head/loss segment (16-bit FLOPs, fp32 FLOPs, stream
+    # bytes, host ops). The fallback's device-to-host syncs stop the host from running ahead of the GPU,
+    # so the expert loops and the head are then timed as segments of their own instead of inside one
+    # step-wide max(GPU, host).
+    experts: tuple[float, float, bool, bool] = (0.0, 0.0, False, False)
+    head_segment: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
 
 def fp32_tflops(gpu: GpuSpec) -> float:
@@ -186,6 +187,11 @@ def fp32_tflops(gpu: GpuSpec) -> float:
         if key in text:
             return gpu.tensor_tflops * share
     return gpu.tensor_tflops * (0.5 if gpu.consumer else 0.25)
+
+
+def _grouped_gemm_kernel(gpu: GpuSpec) -> bool:
+    """Whether torch's bf16 grouped GEMM has its CUTLASS kernel on this GPU (sm90 and sm100 only)."""
+    return gpu.compute_capability.split(".")[0] in ("9", "10")
 
 
 def matmul_tflops(gpu: GpuSpec) -> float:
@@ -305,20 +311,22 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     comm, per_opt = _comm_bytes(arch, setup, trainable, p_elem)
 
     kernels = host_kernels(arch, setup, targets, c)
-    synced_experts = (0.0, 0.0)
-    synced_head = (0.0, 0.0, 0.0, 0.0)
-    if experts_fp32 and arch.num_moe_layers:
-        # torch's grouped GEMM runs its CUTLASS kernel only for bf16 (aten GroupedBlas.cpp, sm90/sm100);
-        # fp32 experts take _grouped_mm_fallback: offs.cpu() (a device-to-host sync) and one mm per expert
-        # that received tokens. Each sync drains the GPU queue, so the expert GEMMs and the lm_head/loss
-        # work (QLoRA: fp32 GEMMs, GPU-heavy) no longer hide under the host's dispatching: they are
-        # timed as segments of their own (run c-large-009, +19% before, within 4% after).
-        expert_kernels = c.host_ops_per_expert * fallback_expert_mms(arch, setup)
-        synced_experts = (2.0 * experts_active * t * expert_passes, expert_kernels)
-        head_fp32_flops = head * t * (3 if full else 2) if head_fp32 else 0.0
-        head_gemm = 0.0 if head_fp32 else head * t * (3 if full else 2)
-        synced_head = (head_gemm, head_fp32_flops, c.logits_bytes * v * t, float(HOST_OPS_HEAD_AND_LOSS))
-        kernels += expert_kernels
+    experts = (0.0, 0.0, False, False)
+    if arch.num_moe_layers:
+        experts_bf16 = not experts_fp32 and setup.precision == "bf16"
+        experts = (
+            2.0 * experts_active * t * expert_passes,
+            fallback_expert_mms(arch, setup),
+            experts_fp32,
+            experts_bf16,
+        )
+    head_passes = 3 if full else 2
+    head_segment = (
+        0.0 if head_fp32 else head * t * head_passes,
+        head * t * head_passes if head_fp32 else 0.0,
+        c.logits_bytes * v * t,
+        float(HOST_OPS_HEAD_AND_LOSS),
+    )
 
     model_flops = (6.0 if full else 4.0) * (lin + experts_active + router + h * v) + attn_fwd / t * (
         3.5 if causal else 3.0
@@ -338,8 +346,8 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         comm_bytes=comm,
         comm_per_optimizer_step=per_opt,
         model_flops=model_flops,
-        synced_experts=synced_experts,
-        synced_head=synced_head,
+        experts=experts,
+        head_segment=head_segment,
     )
 
 
@@ -421,15 +429,25 @@ def estimate_throughput(
     def overlap(g: float, h: float) -> float:
         return float((g**p + h**p) ** (1 / p)) if g > 0 or h > 0 else 0.0
 
-    # Segments separated by device-to-host syncs overlap host and GPU only within themselves.
-    exp_flops, exp_kernels = w.synced_experts
-    head_gemm, head_fp32, head_bytes, head_kernels = w.synced_head
-    exp_gpu, exp_host = exp_flops / f32_rate, exp_kernels * c.host_s_per_kernel
-    head_gpu = head_gemm / mm_rate + head_fp32 / f32_rate + head_bytes / bw
-    head_host = head_kernels * c.host_s_per_kernel
-    rest_gpu = max(gpu_s - exp_gpu - head_gpu, 0.0)
-    rest_host = max(host_s - exp_host - head_host, 0.0)
-    compute_s = overlap(rest_gpu, rest_host) + overlap(exp_gpu, exp_host) + overlap(head_gpu, head_host)
+    # torch's grouped GEMM runs its CUTLASS kernel only for bf16 on sm90/sm100 (aten GroupedBlas.cpp);
+    # otherwise (fp32 experts under QLoRA/amp/fp32, fp16, or an Ampere/Ada/consumer card) it takes
+    # _grouped_mm_fallback: offs.cpu(), a device-to-host sync, then one mm per expert that received
+    # tokens. Each sync drains the GPU queue, so the expert GEMMs and the lm_head/loss work (QLoRA: fp32
+    # GEMMs, GPU-heavy) no longer hide under the host's dispatching: they become segments of their own,
+    # each overlapping only within itself (run c-large-009: +19% before, within 4% after).
+    exp_flops, exp_mms, exp_fp32, exp_bf16 = w.experts
+    fallback = exp_flops > 0 and not (exp_bf16 and _grouped_gemm_kernel(gpu))
+    segments = [(gpu_s, host_s)]
+    if fallback:
+        exp_gpu = exp_flops / (f32_rate if exp_fp32 else mm_rate)
+        exp_host = c.host_ops_per_expert * exp_mms * c.host_s_per_kernel
+        head_gemm, head_fp32, head_bytes, head_kernels = w.head_segment
+        head_gpu = head_gemm / mm_rate + head_fp32 / f32_rate + head_bytes / bw
+        head_host = head_kernels * c.host_s_per_kernel
+        rest = (max(gpu_s - exp_gpu - head_gpu, 0.0), max(host_s - head_host, 0.0))
+        segments = [rest, (exp_gpu, exp_host), (head_gpu, head_host)]
+        host_s += exp_host
+    compute_s = sum(overlap(g, h) for g, h in segments)
     compute_s += optimizer
 
     comm_s = 0.0
