@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
@@ -65,10 +67,20 @@ def model_json(m: Model) -> dict[str, Any]:
     return {c.key: getattr(m, c.key) for c in Model.__table__.columns if c.key not in skip}
 
 
-def _write_error(exc: catalog.CatalogWriteError) -> AppError:
-    if isinstance(exc, catalog.PriceConflictError):
-        return ConflictError(exc.message, field=exc.field)
-    return InputError(exc.field, exc.message)
+@contextlib.contextmanager
+def _catalog_write() -> Iterator[None]:
+    """Turn a refused catalog write into its HTTP error (409 for a price conflict, else 422)."""
+    try:
+        yield
+    except catalog.PriceConflictError as exc:
+        raise ConflictError(exc.message, field=exc.field) from None
+    except catalog.CatalogWriteError as exc:
+        raise InputError(exc.field, exc.message) from None
+
+
+def _upserted(name: str, row: dict[str, Any], outcome: str) -> JSONResponse:
+    """The written row and its outcome: 201 when inserted, 200 when updated or unchanged."""
+    return JSONResponse({name: row, "outcome": outcome}, status_code=201 if outcome == "inserted" else 200)
 
 
 @router.post("/prices", status_code=201)
@@ -77,10 +89,8 @@ def post_price(payload: JsonBody, session: SessionDep) -> JSONResponse:
     if "gpu" in payload and "gpu_slug" not in payload:
         payload = {**payload, "gpu_slug": payload["gpu"]}
     payload.pop("gpu", None)
-    try:
+    with _catalog_write():
         price = catalog.add_price(session, payload)
-    except catalog.CatalogWriteError as exc:
-        raise _write_error(exc) from None
     history = catalog.list_prices(session, gpu_slug=price.gpu.slug, provider=price.provider, kind=price.kind)
     body = {"price": price_json(price), "history": [price_json(p) for p in history]}
     return JSONResponse(body, status_code=201)
@@ -89,26 +99,21 @@ def post_price(payload: JsonBody, session: SessionDep) -> JSONResponse:
 @router.post("/gpus", status_code=201)
 def post_gpu(payload: JsonBody, session: SessionDep) -> JSONResponse:
     """Insert a GPU (201) or update its facts by slug (200); fields as in data/gpus.csv."""
-    try:
+    with _catalog_write():
         gpu, outcome = catalog.add_gpu(session, payload)
-    except catalog.CatalogWriteError as exc:
-        raise _write_error(exc) from None
-    body = {"gpu": gpu_json(gpu), "outcome": outcome}
-    return JSONResponse(body, status_code=201 if outcome == "inserted" else 200)
+    return _upserted("gpu", gpu_json(gpu), outcome)
 
 
 @router.post("/models", status_code=201)
 def post_model(payload: JsonBody, session: SessionDep) -> JSONResponse:
     """Insert a model (201) or update it by slug (200): slug, hf_id, name, license, gated, source, config."""
-    try:
+    with _catalog_write():
         model, outcome = catalog.add_model(session, payload)
-    except catalog.CatalogWriteError as exc:
-        raise _write_error(exc) from None
-    body = {"model": model_json(model), "outcome": outcome}
-    return JSONResponse(body, status_code=201 if outcome == "inserted" else 200)
+    return _upserted("model", model_json(model), outcome)
 
 
 async def _csv_text(request: Request) -> str:
+    """The request body as UTF-8 text (422 when it is not)."""
     raw = await request.body()
     try:
         return raw.decode("utf-8")
@@ -117,6 +122,7 @@ async def _csv_text(request: Request) -> str:
 
 
 def _import_response(report: ImportReport) -> JSONResponse:
+    """200 with the import's counts, or 422 listing every rejected row (nothing was imported)."""
     if not report.ok:
         raise BadImportError(
             f"{len(report.errors)} bad row(s); nothing was imported", **report.as_dict()
