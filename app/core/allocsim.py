@@ -11,7 +11,7 @@ segments are never returned to the driver (no empty_cache, no OOM retry on a car
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, insort
 
 MIB = 1 << 20
 MIN_BLOCK = 512
@@ -21,9 +21,9 @@ LARGE_BUFFER = 20 * MIB
 MIN_LARGE_ALLOC = 10 * MIB
 ROUND_LARGE = 2 * MIB
 
-# A block is one list [size, is_free, previous address, next address (-1: none in the segment), the
-# handle holding it]: one dict lookup per neighbour instead of four (thousands of calls per estimate).
-SIZE, FREE, PREV, NEXT, OWNER = 0, 1, 2, 3, 4
+# A block is one list [size, is_free, previous address, next address] (-1: none in the segment):
+# one dict lookup per neighbour instead of four (the replay makes thousands of calls per estimate).
+SIZE, FREE, PREV, NEXT = 0, 1, 2, 3
 
 
 class AllocatorSim:
@@ -33,10 +33,7 @@ class AllocatorSim:
         "_blocks",
         "_free",
         "_live",
-        "_raw",
-        "_segs",
         "_small",
-        "_small_hi",
         "_small_peak",
         "_top",
         "allocated",
@@ -44,8 +41,6 @@ class AllocatorSim:
         "peak_allocated",
         "peak_reserved",
         "reserved",
-        "small_freed",
-        "touched",
     )
 
     def __init__(self) -> None:
@@ -53,10 +48,6 @@ class AllocatorSim:
         self._blocks: dict[int, list[int]] = {}  # address -> [size, is_free, prev, next]
         self._live: dict[int, tuple[int, int]] = {}  # handle -> (address or -1 for small, bytes)
         self._top = 0  # next segment address (segments laid out one after another)
-        self._segs: list[int] = []  # segment start addresses, ascending (creation order)
-        self._raw: list[tuple[int, ...]] = []  # `contents` cache, stale for the `touched` segments
-        # addresses of the blocks large allocations took and frees left (trace.py's _Repeats clears it)
-        self.touched: set[int] = set()
         self.handles = 0  # the last handle `new` gave out
         self.allocated = 0
         self.reserved = 0
@@ -64,8 +55,6 @@ class AllocatorSim:
         self.peak_reserved = 0
         self._small = 0
         self._small_peak = 0
-        self._small_hi = 0  # the small pool's peak since _Repeats last reset it
-        self.small_freed: list[int] = []  # handles freed from the small pool (read by _Repeats)
 
     def copy(self, keep_live: bool = True) -> AllocatorSim:
         """An independent copy (without the live handles unless `keep_live`: blocks stay allocated)."""
@@ -74,11 +63,9 @@ class AllocatorSim:
         other._blocks = {a: b[:] for a, b in self._blocks.items()}
         other._live = dict(self._live) if keep_live else {}
         other._top, other.handles = self._top, self.handles
-        other._segs, other._raw, other.touched = self._segs[:], self._raw[:], set(self.touched)
         other.allocated, other.reserved = self.allocated, self.reserved
         other.peak_allocated, other.peak_reserved = self.peak_allocated, self.peak_reserved
         other._small, other._small_peak = self._small, self._small_peak
-        other._small_hi, other.small_freed = self._small_hi, []
         return other
 
     def malloc(self, handle: int, nbytes: int) -> None:
@@ -95,8 +82,6 @@ class AllocatorSim:
             self.peak_allocated = allocated
         if size <= SMALL_SIZE:
             small = self._small = self._small + size
-            if small > self._small_hi:
-                self._small_hi = small
             if small > self._small_peak:
                 # the small pool reserves whole 2 MiB segments
                 grow = -(-small // SMALL_BUFFER) - -(-self._small_peak // SMALL_BUFFER)
@@ -120,20 +105,17 @@ class AllocatorSim:
             self.reserved += bsize
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
-            self._segs.append(addr)
-            block = blocks[addr] = [bsize, 0, -1, -1, 0]
-        self.touched.add(addr)
+            block = blocks[addr] = [bsize, 0, -1, -1]
         if bsize - size > SMALL_SIZE:
             rest = addr + size
             nxt = block[NEXT]
             block[SIZE] = size
             block[NEXT] = rest
-            blocks[rest] = [bsize - size, 1, addr, nxt, 0]
+            blocks[rest] = [bsize - size, 1, addr, nxt]
             if nxt != -1:
                 blocks[nxt][PREV] = rest
             insort(free_list, (bsize - size, rest))
         block[FREE] = 0
-        block[OWNER] = handle
         self._live[handle] = (addr, size)
         return handle
 
@@ -143,7 +125,6 @@ class AllocatorSim:
         self.allocated -= size
         if addr < 0:
             self._small -= size
-            self.small_freed.append(handle)
             return
         blocks = self._blocks
         block = blocks[addr]
@@ -171,7 +152,6 @@ class AllocatorSim:
                 addr, block = prv, before
         block[SIZE] = bsize
         block[FREE] = 1
-        self.touched.add(addr)
         insort(self._free, (bsize, addr))
 
     def free_all(self, handles: list[int]) -> None:
@@ -179,102 +159,6 @@ class AllocatorSim:
         free = self.free
         for h in handles:
             free(h)
-
-    # --- exact fast-forward over repeated loop iterations (trace.py's _Repeats) -----------------
-
-    def segments(self) -> int:
-        """How many large segments exist (their indices follow address order)."""
-        return len(self._segs)
-
-    def contents(self) -> tuple[list[tuple[int, ...]], set[int]]:
-        """Every segment as (size, handle or 0 when free, bytes requested) per block, and the segments
-        touched since the last call (a cache refreshed from `touched`: callers must copy the list)."""
-        segs, blocks, raw, live = self._segs, self._blocks, self._raw, self._live
-        hit = {bisect_right(segs, a) - 1 for a in self.touched}
-        self.touched.clear()
-        hit.update(range(len(raw), len(segs)))
-        raw.extend([()] * (len(segs) - len(raw)))
-        for i in hit:
-            addr = segs[i]
-            seg: list[int] = []
-            while addr != -1:
-                b = blocks[addr]
-                # a block held by no live handle (the loaded weights of a copy without them) requested 0
-                seg += (b[SIZE], 0, 0) if b[FREE] else (b[SIZE], b[OWNER], live.get(b[OWNER], (0, 0))[1])
-                addr = b[NEXT]
-            raw[i] = tuple(seg)
-        return raw, hit
-
-    def free_segments(self, least: int) -> set[int]:
-        """The segments holding a free block of at least `least` bytes."""
-        segs, free = self._segs, self._free
-        return {bisect_right(segs, a) - 1 for _, a in free[bisect_left(free, (least, -1)) :]}
-
-    def small_live(self, after: int) -> list[tuple[int, int]]:
-        """(handle, bytes) of the live small-pool allocations made after handle `after`."""
-        live = self._live
-        return [(h, live[h][1]) for h in range(after + 1, self.handles + 1) if live.get(h, (0,))[0] == -1]
-
-    def small_window(self) -> tuple[int, int]:
-        """(small pool bytes now, its peak since the last call); restarts the peak."""
-        hi, self._small_hi = self._small_hi, self._small
-        return self._small, hi
-
-    def repeat_small(self, gone: list[int], made: list[tuple[int, int]], small: int, peak: int) -> None:
-        """Free and make small-pool handles without replaying them; the pool ends at `small`, `peak`."""
-        live, dead = self._live, set(gone)
-        for h in dead:
-            live.pop(h, None)
-        live.update((h, (-1, size)) for h, size in made if h not in dead)  # some die in a later period
-        if peak > self._small_peak:
-            self.reserved += (-(-peak // SMALL_BUFFER) - -(-self._small_peak // SMALL_BUFFER)) * SMALL_BUFFER
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
-            self._small_peak = peak
-        self._small = self._small_hi = small
-
-    def rewrite(
-        self, changed: dict[int, tuple[int, ...]], new: list[tuple[int, ...]], handles: int, allocated: int
-    ) -> None:
-        """Give segments new contents and append new segments (as `contents` writes them)."""
-        segs, blocks, live, raw = self._segs, self._blocks, self._live, self._raw
-        self.contents()
-        gone = set()
-        for i in changed:  # forget the old blocks first: a handle may move to another segment
-            addr = segs[i]
-            while addr != -1:
-                b = blocks.pop(addr)
-                if b[FREE]:
-                    gone.add(addr)
-                else:
-                    live.pop(b[OWNER], None)
-                addr = b[NEXT]
-        free = [e for e in self._free if e[1] not in gone] if gone else self._free
-        top = self._top
-        for seg in new:
-            segs.append(top)
-            top += sum(seg[0::3])
-        items = [*changed.items(), *zip(range(len(raw), len(segs)), new, strict=True)]
-        raw.extend([()] * len(new))
-        for i, seg in items:
-            raw[i] = seg
-            addr, prev, last = segs[i], -1, len(seg) - 3
-            for k in range(0, len(seg), 3):
-                size, owner = seg[k], seg[k + 1]
-                nxt = addr + size if k < last else -1
-                blocks[addr] = [size, 0 if owner else 1, prev, nxt, owner]
-                if owner:
-                    if seg[k + 2]:
-                        live[owner] = (addr, seg[k + 2])
-                else:
-                    free.append((size, addr))
-                prev, addr = addr, addr + size
-        free.sort()
-        self._free = free
-        self.reserved += top - self._top
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        self._top = top
-        self.handles = handles
-        self.allocated = allocated
 
     def _remove_free(self, size: int, addr: int) -> None:
         free_list = self._free
