@@ -24,7 +24,6 @@ HUGE_PARAMS = 60e9  # "70B+ model fine-tuning ... use cloud spot instances"
 HUGE_FULL_PARAMS = 13e9  # "... or full fine-tuning of 13B+ models"
 HUGE_LOCAL_HOURS = 168.0  # a week on a desk-side card: rent instead
 METHOD_ORDER = ("full", "lora", "qlora")
-_SPOT_KINDS = ("spot", "interruptible")
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def is_huge(arch: Architecture, method: str, hours: float | None) -> str:
 
 
 def _where(row: RankRow) -> str:
-    if row.price is not None and row.price.kind in _SPOT_KINDS:
+    if row.price is not None and row.price.is_spot:
         return "cloud_spot"
     return "cloud_on_demand"
 
@@ -96,7 +95,7 @@ SIMPLER_WITHIN = 0.25
 
 
 def _simplest_cheap(rows: Sequence[RankRow]) -> RankRow:
-    """The setup with the fewest GPUs among those within 10% of the cheapest, then the cheapest."""
+    """The setup with the fewest GPUs among those within SIMPLER_WITHIN of the cheapest, then the cheapest."""
     floor = min(_cost(r) for r in rows)
     near = [r for r in rows if _cost(r) <= floor * (1 + SIMPLER_WITHIN)]
     return min(near, key=lambda r: (r.num_gpus, _cost(r), -(r.tokens_per_s or 0.0)))
@@ -160,7 +159,7 @@ def recommend(
     for method in methods:
         ok = [r for r in rows_for(method) if r.recommendable and r.price is not None and r.gpu_slug in cuda]
         # The article's advice is cloud *spot* for training: on-demand only when no spot setup fits.
-        ok = [r for r in ok if r.price is not None and r.price.kind in _SPOT_KINDS] or ok
+        ok = [r for r in ok if r.price is not None and r.price.is_spot] or ok
         if ok:
             best_by_method[method] = _simplest_cheap(ok)
     if best_by_method:
@@ -271,22 +270,30 @@ def _local(
         reasons.append(speed)
     if row.num_gpus > 1:
         reasons.append(_engine_reason(row))
+    return _of_row(method, row, "local", tier.slug if tier else None, reasons, priced=False)
+
+
+def _of_row(
+    method: str, row: RankRow, where: str, budget_tier: str | None, reasons: list[str], priced: bool
+) -> Recommendation:
+    """The recommendation of a ranked setup; `priced`: with its cheapest rental price (cloud)."""
+    price = row.price if priced else None
     return Recommendation(
         method=method,
         gpu=row.gpu_slug,
         gpu_name=row.gpu_name,
         num_gpus=row.num_gpus,
         parallelism=row.parallelism,
-        where="local",
-        budget_tier=tier.slug if tier else None,
+        where=where,
+        budget_tier=budget_tier,
         reasons=tuple(reasons),
         fits=True,
         tokens_per_s=row.tokens_per_s,
         hours=row.hours,
-        usd=None,
-        price_provider=None,
-        price_kind=None,
-        usd_per_hour=None,
+        usd=row.usd if priced else None,
+        price_provider=price.provider if price else None,
+        price_kind=price.kind if price else None,
+        usd_per_hour=row.usd_per_hour if priced else None,
     )
 
 
@@ -334,23 +341,7 @@ def _cloud(
         reasons.append(_engine_reason(row))
     if where == "cloud_spot":
         reasons.append("Spot instances can be preempted: checkpoint every 30 minutes or so.")
-    return Recommendation(
-        method=method,
-        gpu=row.gpu_slug,
-        gpu_name=row.gpu_name,
-        num_gpus=row.num_gpus,
-        parallelism=row.parallelism,
-        where=where,
-        budget_tier=_rent_tier(tiers),
-        reasons=tuple(reasons),
-        fits=True,
-        tokens_per_s=row.tokens_per_s,
-        hours=row.hours,
-        usd=row.usd,
-        price_provider=row.price.provider if row.price else None,
-        price_kind=row.price.kind if row.price else None,
-        usd_per_hour=row.usd_per_hour,
-    )
+    return _of_row(method, row, where, _rent_tier(tiers), reasons, priced=True)
 
 
 def with_method(setup: TrainingSetup, method: str) -> TrainingSetup:
