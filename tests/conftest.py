@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -29,6 +29,20 @@ def _pg_admin_engine():  # type: ignore[no-untyped-def]
 def sqlite_url(tmp_path) -> str:  # type: ignore[no-untyped-def]
     """A fresh, empty SQLite database file."""
     return f"sqlite:///{tmp_path / 'tunefit-test.sqlite3'}"
+
+
+@pytest.fixture
+def settings_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
+    """settings_database(url): the in-process CLI's get_settings() reads that database (cache cleared)."""
+    from app.config import get_settings
+
+    def point(url: str) -> str:
+        monkeypatch.setenv("TUNEFIT_DATABASE_URL", url)
+        get_settings.cache_clear()
+        return url
+
+    yield point
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.cli import main
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.main import create_app
 from tests.api.apihelp import prepare_database
+from tests.deploy.deploy_server import free_port, running, serve_argv
 
 TUNEFIT = Path(sys.executable).parent / "tunefit"
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
@@ -29,12 +28,9 @@ SAME_AS_API = {"model": "llama-3.1-8b", "method": "qlora", "gpu": "rtx-4090", "b
 
 
 @pytest.fixture
-def db_env(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def db_env(sqlite_url: str, settings_database: Callable[[str], str]) -> str:
     """TUNEFIT_DATABASE_URL pointing at a fresh (not yet migrated) SQLite file, for in-process main()."""
-    monkeypatch.setenv("TUNEFIT_DATABASE_URL", sqlite_url)
-    get_settings.cache_clear()
-    yield sqlite_url
-    get_settings.cache_clear()
+    return settings_database(sqlite_url)
 
 
 def api_answer(url: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -163,41 +159,18 @@ def test_console_script_prints_the_api_json(sqlite_url: str) -> None:
     assert json.loads(done.stdout) == api_answer(sqlite_url, SAME_AS_API)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.timeout(90)
 def test_serve_migrates_seeds_and_serves(tmp_path: Path) -> None:
     """`tunefit serve` on an empty database: migrates, loads the seed, answers /healthz and estimates."""
     url = f"sqlite:///{tmp_path / 'served.sqlite3'}"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TUNEFIT_DATABASE_URL": url}
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([str(TUNEFIT), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                health = httpx.get(base + "/healthz", timeout=2)
-                if health.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
+    with running(serve_argv(port), env, port, tmp_path / "serve.log", Path.cwd(), timeout=60) as server:
+        health = httpx.get(server.url + "/healthz", timeout=10)
         assert health.json()["status"] == "ok"
-        r = httpx.get(base + "/api/estimate", params={k: str(v) for k, v in SAME_AS_API.items()}, timeout=10)
+        r = httpx.get(server.url + "/api/estimate", params={k: str(v) for k, v in SAME_AS_API.items()},
+                      timeout=10)
         assert r.status_code == 200 and r.json()["memory"]["fits"] is True
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
     lines = [ln for ln in (tmp_path / "serve.log").read_text().splitlines() if ln.strip()]
     assert lines and all(ln.lstrip().startswith("{") for ln in lines), "every log line is JSON"
     assert prepare_database(url) == url  # already at head and seeded: a no-op

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dbhelp import DATA_DIR
 
 from app.cli import main
-from app.config import get_settings
 
 
 @pytest.fixture
-def cli_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def cli_db(db_url: str, settings_database: Callable[[str], str]) -> str:
     """Point the CLI's settings at a fresh database (migrated by the commands themselves)."""
-    monkeypatch.setenv("TUNEFIT_DATABASE_URL", db_url)
-    get_settings.cache_clear()
-    yield db_url
-    get_settings.cache_clear()
+    return settings_database(db_url)
 
 
 def _rows(name: str) -> int:

@@ -1,4 +1,4 @@
-"""Run real `tunefit serve` processes on loopback for the deploy tests, and always reap them."""
+"""Run real server processes on loopback (deploy, CLI and browser tests), and always reap them."""
 
 from __future__ import annotations
 
