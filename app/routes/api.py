@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app import services
-from app.deps import SessionDep, SettingsDep
+from app.deps import SessionDep
 from app.schemas import (
     EstimateQuery,
     EstimateRequest,
@@ -31,16 +31,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/api/estimate", tags=["estimate"], responses=_ERRORS)
-def post_estimate(body: EstimateRequest, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+def post_estimate(body: EstimateRequest, session: SessionDep) -> JSONResponse:
     """Estimate memory, time, cost and a recommendation from a JSON body."""
     result = services.run_estimate(session, body, source="body")
     return JSONResponse(result)
 
 
 @router.get("/api/estimate", tags=["estimate"], responses=_ERRORS)
-def get_estimate(
-    query: Annotated[EstimateQuery, Query()], session: SessionDep, settings: SettingsDep
-) -> JSONResponse:
+def get_estimate(query: Annotated[EstimateQuery, Query()], session: SessionDep) -> JSONResponse:
     """The same estimate from query parameters: every result has a permalink."""
     try:
         request = request_from_query(query)
