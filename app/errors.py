@@ -72,12 +72,6 @@ class InputError(AppError):
         return {"detail": [item]}
 
 
-class CatalogUnavailableError(AppError):
-    """The catalog database cannot be read (not migrated, or unreachable)."""
-
-    status_code = 503
-
-
 def request_id_of(request: Request) -> str | None:
     """The request id the middleware assigned, if any."""
     return getattr(request.state, "request_id", None)

@@ -188,12 +188,3 @@ class NotFoundBody(BaseModel):
 
     detail: str
     suggestions: list[str]
-
-
-class Health(BaseModel):
-    """GET /healthz."""
-
-    status: str
-    version: str
-    database: str
-    catalog_updated: str | None

@@ -106,12 +106,6 @@ def ownership(
     )
 
 
-def cheapest_price(prices: Iterable[PriceQuote], gpu_slug: str, spot_ok: bool = True) -> PriceQuote | None:
-    """The lowest observed $/GPU-hour for a GPU (optionally excluding interruptible prices)."""
-    candidates = [p for p in prices if p.gpu_slug == gpu_slug and (spot_ok or not p.is_spot)]
-    return min(candidates, key=lambda p: (p.usd_per_hour, p.provider)) if candidates else None
-
-
 def price_notices(options: tuple[CostOption, ...], today: dt.date | None = None) -> tuple[Notice, ...]:
     """Say that prices are dated snapshots, naming the oldest and newest dates used."""
     if not options:
