@@ -6,10 +6,12 @@ response; this module only picks, scales (for drawing) and formats them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
@@ -88,13 +90,19 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def api_defaults() -> dict[str, str]:
-    """The API's default for every form field, as form text (the schema is the one source)."""
+@functools.cache
+def _api_defaults() -> Mapping[str, str]:
+    # The schema never changes in a process: read it once, not twice per page request.
     out = {name: _text(info.get_default(call_default_factory=True))
            for name, info in EstimateFields.model_fields.items()}
     out["lora_targets"] = ",".join(DEFAULT_LORA_TARGETS)
     out["model_config"] = ""
-    return out
+    return MappingProxyType(out)
+
+
+def api_defaults() -> dict[str, str]:
+    """The API's default for every form field, as form text (the schema is the one source)."""
+    return dict(_api_defaults())
 
 
 def normalise(values: Mapping[str, str]) -> dict[str, str]:
@@ -118,7 +126,7 @@ def normalise(values: Mapping[str, str]) -> dict[str, str]:
 
 def request_fields(values: Mapping[str, str]) -> dict[str, str]:
     """The fields that differ from the API's defaults: what a permalink or an API call must carry."""
-    defaults = api_defaults()
+    defaults = _api_defaults()
     return {k: v for k, v in normalise(values).items() if defaults.get(k) != v}
 
 
