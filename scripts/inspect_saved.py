@@ -23,70 +23,28 @@ from app.core.activations import layer_activations, lora_target_names
 from app.core.architecture import parse_config
 from app.core.setup import TrainingSetup
 
+
+def _tiny(model_type: str, **extra: Any) -> dict[str, Any]:
+    """A 256-wide config of one family (the layer count is set per measurement)."""
+    return dict(
+        model_type=model_type,
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        **extra,
+    )
+
+
 TINY: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-    ),
-    "qwen3": dict(
-        model_type="qwen3",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=48,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-    ),
-    "gemma2": dict(
-        model_type="gemma2",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=48,
-        vocab_size=1000,
-    ),
-    "gemma3_text": dict(
-        model_type="gemma3_text",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=48,
-        vocab_size=1000,
-    ),
-    "phi3": dict(
-        model_type="phi3",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        pad_token_id=0,
-    ),
-    "mistral": dict(
-        model_type="mistral",
-        hidden_size=256,
-        intermediate_size=704,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-    ),
+    "llama": _tiny("llama", tie_word_embeddings=False),
+    "qwen2": _tiny("qwen2", tie_word_embeddings=False),
+    "qwen3": _tiny("qwen3", head_dim=48, tie_word_embeddings=False),
+    "gemma2": _tiny("gemma2", head_dim=48),
+    "gemma3_text": _tiny("gemma3_text", head_dim=48),
+    "phi3": _tiny("phi3", pad_token_id=0),
+    "mistral": _tiny("mistral"),
 }
 
 SETUPS: list[dict[str, Any]] = [
@@ -117,7 +75,7 @@ def saved_bytes(cfg: dict[str, Any], layers: int, setup: dict[str, Any], batch: 
         model_config=cfg,
         model_config_source="inline",
         gradient_checkpointing=False,
-        **{k: v for k, v in setup.items()},
+        **setup,
     )
     model = apply_training_setup(model, spec, {})
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -56,9 +56,8 @@ CASES: list[dict[str, Any]] = [
 def saved(cfg: dict[str, Any], layers: int, case: dict[str, Any], batch: int, seq: int, tmp: Path) -> int:
     """Distinct non-parameter storages (bytes) autograd saves in one CUDA forward."""
     conf = {**cfg, "num_hidden_layers": layers}
-    fields = {k: v for k, v in case.items()}
     spec = RunSpec(
-        model=None, model_config=conf, model_config_source="inline", gradient_checkpointing=False, **fields
+        model=None, model_config=conf, model_config_source="inline", gradient_checkpointing=False, **case
     )
     ckpt = tmp / f"{cfg['model_type']}-{layers}"
     if not ckpt.exists():
