@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -65,11 +63,6 @@ def segment_bytes(nbytes: int) -> int:
     if size >= MIN_LARGE_ALLOC:
         return -(-size // ROUND_LARGE) * ROUND_LARGE
     return size
-
-
-def reserved_for(tensors: Iterable[int]) -> int:
-    """Reserved bytes for a set of live tensors of the given sizes."""
-    return sum(segment_bytes(n) for n in tensors)
 
 
 def managed_bytes(nbytes: int) -> int:

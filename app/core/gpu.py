@@ -119,7 +119,7 @@ class PriceQuote:
 
     @property
     def is_spot(self) -> bool:
-        """Whether the price can be interrupted (spot/interruptible/community-bid)."""
+        """Whether the price can be interrupted (the catalog's `spot` and `interruptible` kinds)."""
         return self.kind in ("spot", "interruptible")
 
 
