@@ -49,6 +49,7 @@ def _ms(fn, repeat: int, cold: bool = False) -> tuple[float, float]:  # type: ig
 
 
 def main() -> None:
+    """Time rank() and whole estimates (cold and warm) on the seed catalog; print median and worst ms."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
