@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
+# Stamps keyed on pyproject.toml: set-up reinstalls only when the dependencies change.
+STAMP := $(VENV)/.installed-$(HASH)
+RUN_STAMP := $(VENV)/.runtime-$(HASH)
 
 .PHONY: run test setup setup-test lint typecheck pytest browser-deps clean
 
@@ -17,8 +20,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-setup: $(BIN)/python
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
+	rm -f $(VENV)/.runtime-*
+	touch $(RUN_STAMP)
+
+setup: $(RUN_STAMP)
 
 setup-test: $(STAMP) browser-deps
 
