@@ -17,6 +17,11 @@ from functools import lru_cache
 from app.core.allocsim import AllocatorSim
 from app.core.optim import param_state_tensors
 
+try:  # the same replay in C (app/core/_replay.c), built by `pip install` when a compiler is there
+    from app.core import _replay
+except ImportError:  # pragma: no cover - exercised where no compiler built it
+    _replay = None  # type: ignore[assignment]
+
 Shape = tuple[int, int]
 
 
@@ -55,6 +60,15 @@ class TracePlan:
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """Replay `steps` training steps; return (peak allocated, peak reserved) in bytes."""
+    if _replay is not None:
+        found = _replay.simulate(*_flat(plan), steps)
+        if found is not None:  # None: a tensor past the C replay's 64-bit range (absurd requests)
+            return found
+    return simulate_py(plan, steps)
+
+
+def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
+    """The replay in Python (the reference the C replay is tested against)."""
     sim = _loaded(plan.weights, plan.adapters, plan.shards).copy(keep_live=False)
     tr = _Tracer(sim, plan.shards)
     n = plan.shards
@@ -75,6 +89,57 @@ def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
         sim.free_all(grads)  # zero_grad(set_to_none=True)
     allocated = sim.peak_allocated + tr.ag.peak_allocated + tr.rs.peak_allocated
     return allocated, sim.peak_reserved + tr.ag.peak_reserved + tr.rs.peak_reserved
+
+
+@lru_cache(maxsize=256)
+def _optimizer_tensors(
+    opt_params: tuple[Shape, ...], optimizer: str, shards: int, grad_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(every state tensor in creation order, each parameter's step temporary) for the C replay."""
+    states: list[int] = []
+    temps: list[int] = []
+    for rows, cols in opt_params:
+        sizes, _managed, temp = param_state_tensors(optimizer, -(-rows // shards), cols, grad_size)
+        states.extend(sizes)
+        temps.append(temp)
+    return tuple(states), tuple(temps)
+
+
+def _flat(plan: TracePlan) -> tuple[object, ...]:
+    """The plan as the C replay's positional arguments (sizes in bytes, flags as 0/1)."""
+    states, temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
+    ops = tuple(
+        (count, tuple(r * c * plan.grad_size for r, c in params), grad_in, scratch)
+        for count, params, grad_in, scratch in plan.layer_ops
+    )
+    return (
+        plan.weights,
+        plan.adapters,
+        plan.shards,
+        plan.layers,
+        ops,
+        states,
+        temps,
+        int(plan.optimizer == "adafactor"),
+        plan.head_grads,
+        plan.embed_grad,
+        plan.tied_accumulate,
+        plan.layer_saved,
+        plan.layer_transient,
+        plan.layer_copies,
+        plan.head_copy,
+        int(plan.cache_copies),
+        int(plan.checkpoint),
+        plan.final_saved,
+        plan.hidden,
+        plan.logits,
+        plan.logits_fp32,
+        plan.vocab_fp32,
+        plan.shared,
+        plan.dequant,
+        plan.layer_weights,
+        plan.root_weights,
+    )
 
 
 @lru_cache(maxsize=64)

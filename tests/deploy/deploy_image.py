@@ -131,6 +131,8 @@ def _replay_runs(runs: list[Instruction], workdir_in_image: str, image: Image, b
                 _pip_install_project(words, image, build_deps)
             elif words[:2] in (["pip", "install"], ["pip", "uninstall"]):
                 continue  # the dependency layer: here the linked closure stands in for it
+            elif words[0] == "apt-get" or words[:2] == ["rm", "-rf"]:
+                continue  # the build compiler: this machine has gcc, and the apt lists are not laid out
             elif words[0] in ("useradd", "adduser"):
                 continue  # build() read the uid already: the interpreter must suit that user
             elif words[0] == "mkdir":

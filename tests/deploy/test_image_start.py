@@ -96,3 +96,14 @@ def test_image_cmd_serves_the_seeded_catalog(image: Image, tmp_path: Path) -> No
     assert after == before, f"the app wrote outside its data folder: {set(after) ^ set(before)}"
     if image.uid is not None:
         assert database.stat().st_uid == image.uid, "the server did not run as the image's non-root user"
+
+
+def test_image_builds_the_c_replay(image: Image) -> None:
+    """The image's `pip install` compiles the C allocator replay (its gcc step), not the slow fallback."""
+    probe = "from app.core import trace; print(trace._replay is not None)"
+    done = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-c", probe],
+        env=image.path_env(), cwd=image.workdir, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

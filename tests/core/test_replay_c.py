@@ -1,0 +1,139 @@
+"""The C allocator replay gives the Python replay's bytes exactly: calibration runs, catalog setups,
+random plans."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.core import trace
+from app.core.architecture import parse_config
+from app.core.calibration import load_runs, setup_of
+from app.core.fragment import build_plan
+from app.core.memory import _shape_key, _single_gpu, _static
+from app.core.setup import TrainingSetup
+from app.core.trace import TracePlan, simulate_py
+from tests.conftest import missing_part
+from tests.core.helpers import arch
+
+
+def _c(plan: TracePlan) -> tuple[int, int]:
+    if trace._replay is None:
+        missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
+    assert trace._replay is not None
+    return trace._replay.simulate(*trace._flat(plan), 2)
+
+
+def _plan(a, setup: TrainingSetup) -> TracePlan:  # type: ignore[no-untyped-def]
+    setup = _single_gpu(setup)
+    return build_plan(a, setup, _static(a, _shape_key(setup)).targets)
+
+
+@pytest.mark.parametrize("rec", load_runs(), ids=lambda r: r["run_id"])
+def test_every_calibration_run_replays_the_same(rec) -> None:  # type: ignore[no-untyped-def]
+    plan = _plan(parse_config(rec["model_config"]), setup_of(rec))
+    assert _c(plan) == simulate_py(plan)
+
+
+SETUPS = [
+    TrainingSetup("qlora", batch_size=4, seq_len=512),
+    TrainingSetup("qlora", batch_size=1, seq_len=4096, gradient_checkpointing=False, double_quant=False),
+    TrainingSetup("lora", batch_size=2, seq_len=1000, lora_targets=("all-linear",), optimizer="adafactor"),
+    TrainingSetup("lora", precision="amp_bf16", batch_size=3, seq_len=700, attention="eager"),
+    TrainingSetup("full", batch_size=2, seq_len=1024, optimizer="adamw_8bit"),
+    TrainingSetup("full", precision="amp_bf16", batch_size=4, seq_len=512, gradient_checkpointing=False),
+    TrainingSetup("full", batch_size=1, seq_len=2048, optimizer="paged_adamw_8bit"),
+    TrainingSetup("full", batch_size=4, seq_len=512, num_gpus=4, parallelism="fsdp", optimizer="sgd"),
+    TrainingSetup("lora", batch_size=4, seq_len=512, num_gpus=8, parallelism="fsdp"),
+]
+MODELS = ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "qwen3-0.6b", "mixtral-8x7b-v0.1"]
+
+
+@pytest.mark.parametrize("slug", MODELS)
+@pytest.mark.parametrize("setup", SETUPS, ids=[f"setup{i}" for i in range(len(SETUPS))])
+def test_catalog_setups_replay_the_same(slug: str, setup: TrainingSetup) -> None:
+    plan = _plan(arch(slug), setup)
+    assert _c(plan) == simulate_py(plan)
+
+
+_size = st.one_of(
+    st.integers(0, 4096),
+    st.integers(4096, 3 << 20),
+    st.integers(3 << 20, 64 << 20),
+    st.integers(64 << 20, 4 << 30),
+)
+_sizes = st.lists(_size, max_size=6).map(tuple)
+_op = st.tuples(
+    st.integers(0, 2),
+    st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), max_size=3).map(tuple),
+    _size,
+    _sizes,
+)
+
+
+@st.composite
+def _plans(draw: st.DrawFn) -> TracePlan:
+    ops = draw(st.lists(_op, min_size=1, max_size=5))
+    saved = draw(st.lists(_size, min_size=sum(o[0] for o in ops), max_size=sum(o[0] for o in ops)))
+    full = draw(st.booleans())
+    shards = draw(st.sampled_from([1, 1, 2, 3, 8]))
+    layer_params = [shape for o in ops for shape in o[1]]
+    layers = draw(st.integers(1, 6))
+    return TracePlan(
+        weights=draw(_sizes),
+        adapters=draw(_sizes),
+        layers=layers,
+        layer_ops=tuple(ops),
+        opt_params=tuple(layer_params * layers),
+        head_grads=draw(_sizes) if full else (),
+        embed_grad=draw(_size) if full else 0,
+        tied_accumulate=draw(_size) if full else 0,
+        grad_size=draw(st.sampled_from([2, 4])),
+        optimizer=draw(st.sampled_from(["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"])),
+        layer_saved=tuple(saved),
+        layer_transient=draw(_sizes),
+        layer_copies=draw(_sizes),
+        head_copy=draw(_size),
+        cache_copies=draw(st.booleans()),
+        checkpoint=draw(st.booleans()),
+        hidden=draw(_size),
+        final_saved=draw(_sizes),
+        logits=draw(_size),
+        logits_fp32=draw(_size),
+        vocab_fp32=draw(_size),
+        shared=draw(_sizes),
+        dequant=draw(_size),
+        shards=shards,
+        layer_weights=draw(_sizes) if shards > 1 else (),
+        root_weights=draw(_sizes) if shards > 1 else (),
+    )
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_plans(), st.integers(1, 3))
+def test_random_plans_replay_the_same(plan: TracePlan, steps: int) -> None:
+    expected = simulate_py(plan, steps)
+    if trace._replay is None:
+        missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
+    assert trace._replay.simulate(*trace._flat(plan), steps) == expected
+
+
+def test_huge_tensors_replay_in_python() -> None:
+    # a 10^15-token request: tensors past the C replay's 64-bit range go to the Python replay
+    plan = _plan(arch("llama-3.2-1b"), TrainingSetup("lora", batch_size=1, seq_len=10**15))
+    if trace._replay is None:
+        missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
+    assert trace._replay.simulate(*trace._flat(plan), 2) is None
+    alloc, reserved = trace.simulate(plan)
+    assert (alloc, reserved) == simulate_py(plan)
+    assert reserved >= alloc > 10**18
+
+
+def test_simulate_uses_c_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = _plan(arch("llama-3.2-1b"), TrainingSetup("qlora", batch_size=2, seq_len=256))
+    if trace._replay is None:
+        missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
+    expected = simulate_py(plan)
+    monkeypatch.setattr(trace, "simulate_py", lambda *_: (0, 0))  # the Python replay must not run
+    assert trace.simulate(plan) == expected
