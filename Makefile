@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
-# Stamps keyed on pyproject.toml: set-up reinstalls only when the dependencies change.
+HASH := $(shell cat pyproject.toml app/core/_replay.c | sha1sum | cut -c1-12)
+# Stamps keyed on pyproject.toml and the C replay's source: set-up reinstalls (and recompiles) only
+# when the dependencies or app/core/_replay.c change.
 STAMP := $(VENV)/.installed-$(HASH)
 RUN_STAMP := $(VENV)/.runtime-$(HASH)
 
@@ -15,12 +16,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml app/core/_replay.c | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
+$(RUN_STAMP): pyproject.toml app/core/_replay.c | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	rm -f $(VENV)/.runtime-*
 	touch $(RUN_STAMP)
