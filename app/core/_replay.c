@@ -29,6 +29,7 @@
  * reaches 2^63; a plan with a larger tensor returns None and trace.py replays it in Python. */
 #define MAX_TENSOR ((int64_t)1 << 40)
 #define TOO_BIG (-2)
+#define NBINS 256
 
 typedef struct {
     int64_t d_len, d_cap;
@@ -41,18 +42,18 @@ typedef struct {
     int32_t is_free;
 } Block;
 
-typedef struct {
-    int64_t size, addr;
-    int32_t id;
-} FreeEntry;
 
 typedef struct {
     Block *blocks;
     int32_t n_blocks, cap_blocks;
     int32_t *spare_ids; /* ids of merged-away blocks, reused */
     int32_t n_spare, cap_spare;
-    FreeEntry *free_list; /* sorted by (size, addr) */
-    int32_t n_free, cap_free;
+    /* ids of the free blocks in size bins (4 per power of two), each sorted by (size, addr): every
+     * size in a bin is below every size in the next, so the best fit is the first block of at least
+     * the request's size in its own bin, else the first block of the next non-empty bin */
+    int32_t *bin[NBINS];
+    int32_t bin_n[NBINS], bin_cap[NBINS];
+    uint64_t nonempty[(NBINS + 63) / 64];
     int32_t *live_block; /* per handle: block id, SMALL_LIVE or NOT_LIVE */
     int64_t *live_size;
     int64_t cap_live;
@@ -88,11 +89,20 @@ static void vec_push(Vec *v, int64_t x, int *err) {
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-static int64_t lower_bound(const Sim *s, int64_t size, int64_t addr) {
-    int64_t lo = 0, hi = s->n_free;
+static int size_bin(int64_t size) {
+    int lg = 63 - __builtin_clzll((unsigned long long)size);
+    int sub = lg >= 2 ? (int)((size >> (lg - 2)) & 3) : 0;
+    return 4 * lg + sub; /* size <= 2^41 by MAX_TENSOR and segment rounding: below NBINS */
+}
+
+/* Index in bin `b` of the first block whose (size, addr) is not below (size, addr). */
+static int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
+    int64_t lo = 0, hi = s->bin_n[b];
+    const int32_t *ids = s->bin[b];
+    const Block *bl = s->blocks;
     while (lo < hi) {
         int64_t mid = (lo + hi) / 2;
-        const FreeEntry *e = &s->free_list[mid];
+        const Block *e = &bl[ids[mid]];
         if (e->size < size || (e->size == size && e->addr < addr)) lo = mid + 1;
         else hi = mid;
     }
@@ -100,31 +110,54 @@ static int64_t lower_bound(const Sim *s, int64_t size, int64_t addr) {
 }
 
 static void free_insert(Sim *s, int32_t id) {
-    if (grow32((void **)&s->free_list, &s->cap_free, (int64_t)s->n_free + 1, sizeof(FreeEntry))) {
+    int b = size_bin(s->blocks[id].size);
+    if (grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(int32_t))) {
         s->err = 1;
         return;
     }
-    Block *b = &s->blocks[id];
-    int64_t i = lower_bound(s, b->size, b->addr);
-    memmove(&s->free_list[i + 1], &s->free_list[i], (size_t)(s->n_free - i) * sizeof(FreeEntry));
-    s->free_list[i].size = b->size;
-    s->free_list[i].addr = b->addr;
-    s->free_list[i].id = id;
-    s->n_free++;
+    int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
+    memmove(&s->bin[b][i + 1], &s->bin[b][i], (size_t)(s->bin_n[b] - i) * sizeof(int32_t));
+    s->bin[b][i] = id;
+    s->bin_n[b]++;
+    s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-static void free_remove_at(Sim *s, int64_t i) {
-    memmove(&s->free_list[i], &s->free_list[i + 1], (size_t)(s->n_free - i - 1) * sizeof(FreeEntry));
-    s->n_free--;
+static void free_remove_at(Sim *s, int b, int64_t i) {
+    memmove(&s->bin[b][i], &s->bin[b][i + 1], (size_t)(s->bin_n[b] - i - 1) * sizeof(int32_t));
+    if (--s->bin_n[b] == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
 static void free_remove(Sim *s, int32_t id) {
-    int64_t i = lower_bound(s, s->blocks[id].size, s->blocks[id].addr);
-    if (i >= s->n_free || s->free_list[i].id != id) {
+    int b = size_bin(s->blocks[id].size);
+    int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
+    if (i >= s->bin_n[b] || s->bin[b][i] != id) {
         s->err = 2;
         return;
     }
-    free_remove_at(s, i);
+    free_remove_at(s, b, i);
+}
+
+/* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
+ * out of the bins; NO_BLOCK when none is that large. */
+static int32_t take_best_fit(Sim *s, int64_t size) {
+    int b = size_bin(size);
+    int64_t i = lower_bound(s, b, size, -1);
+    if (i < s->bin_n[b]) {
+        int32_t id = s->bin[b][i];
+        free_remove_at(s, b, i);
+        return id;
+    }
+    for (int w = (b + 1) / 64; w < (NBINS + 63) / 64; w++) {
+        uint64_t bits = s->nonempty[w];
+        if (w == (b + 1) / 64) bits &= ~(uint64_t)0 << ((b + 1) % 64);
+        if (bits) {
+            int nb = 64 * w + __builtin_ctzll(bits);
+            int32_t id = s->bin[nb][0];
+            free_remove_at(s, nb, 0);
+            return id;
+        }
+    }
+    return NO_BLOCK;
 }
 
 static int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
@@ -190,13 +223,10 @@ static int64_t sim_new(Sim *s, int64_t nbytes) {
         live_set(s, handle, SMALL_LIVE, size);
         return handle;
     }
-    int64_t i = lower_bound(s, size, -1);
-    int32_t id;
+    int32_t id = take_best_fit(s, size);
     int64_t bsize;
-    if (i < s->n_free) {
-        id = s->free_list[i].id;
-        bsize = s->free_list[i].size;
-        free_remove_at(s, i);
+    if (id != NO_BLOCK) {
+        bsize = s->blocks[id].size;
     } else {
         bsize = size < MIN_LARGE_ALLOC ? LARGE_BUFFER : ceil_div(size, ROUND_LARGE) * ROUND_LARGE;
         id = block_new(s, s->top, bsize, NO_BLOCK, NO_BLOCK, 0);
@@ -265,7 +295,7 @@ static void sim_free(Sim *s, int64_t handle) {
 static void sim_release(Sim *s) {
     free(s->blocks);
     free(s->spare_ids);
-    free(s->free_list);
+    for (int b = 0; b < NBINS; b++) free(s->bin[b]);
     free(s->live_block);
     free(s->live_size);
 }
