@@ -137,6 +137,35 @@ class Ranker:
         self._memory: dict[TrainingSetup, MemoryEstimate] = {}
         self._peaks: dict[tuple[TrainingSetup, int, int], int] = {}
         self._limits: dict[tuple[str, TrainingSetup, int], int] = {}
+        # derived setups and cheapest prices, per row of 131: dataclasses.replace re-validates the
+        # setup on every call, which was a third of a warm whole-catalog ranking
+        self._derived: dict[tuple[TrainingSetup, int, str, int, int], TrainingSetup] = {}
+        self._prices: tuple[Sequence[PriceQuote], dict[str, PriceQuote | None]] = ((), {})
+
+    def derive(
+        self, setup: TrainingSetup, num_gpus: int, parallelism: str, batch: int = 0, seq: int = 0
+    ) -> TrainingSetup:
+        """`setup` on `num_gpus` GPUs with `parallelism` (and batch/seq when given), cached."""
+        key = (setup, num_gpus, parallelism, batch, seq)
+        found = self._derived.get(key)
+        if found is None:
+            found = self._derived[key] = replace(
+                setup,
+                num_gpus=num_gpus,
+                parallelism=parallelism,  # type: ignore[arg-type]
+                batch_size=batch or setup.batch_size,
+                seq_len=seq or setup.seq_len,
+            )
+        return found
+
+    def cheapest(self, prices: Sequence[PriceQuote], gpu_slug: str) -> PriceQuote | None:
+        """cheapest_rentable, cached per price list."""
+        if self._prices[0] is not prices:  # held, so its identity cannot be reused by another list
+            self._prices = (prices, {})
+        table = self._prices[1]
+        if gpu_slug not in table:
+            table[gpu_slug] = cheapest_rentable(prices, gpu_slug)
+        return table[gpu_slug]
 
     def memory(self, setup: TrainingSetup) -> MemoryEstimate:
         """estimate_memory, cached per setup (it does not depend on the GPU)."""
@@ -145,18 +174,17 @@ class Ranker:
             found = self._memory[setup] = estimate_memory(self.arch, setup)
         return found
 
-    @staticmethod
-    def _memory_key(setup: TrainingSetup) -> TrainingSetup:
+    def _memory_key(self, setup: TrainingSetup) -> TrainingSetup:
         # DDP keeps a whole replica per GPU: its memory is the same for any count above one.
         if setup.parallelism == "ddp" and setup.num_gpus > 2:
-            return replace(setup, num_gpus=2)
+            return self.derive(setup, 2, "ddp")
         return setup
 
     def _peak_at(self, setup: TrainingSetup, batch: int, seq: int) -> int:
         key = (setup, batch, seq)
         found = self._peaks.get(key)
         if found is None:
-            probe = replace(setup, batch_size=batch, seq_len=seq)
+            probe = self.derive(setup, setup.num_gpus, setup.parallelism, batch, seq)
             found = self._peaks[key] = self.memory(probe).peak_bytes
         return found
 
@@ -211,13 +239,13 @@ class Ranker:
     def setup_for(self, base: TrainingSetup, count: int, vram: int) -> TrainingSetup:
         """The setup on `count` GPUs: the request's parallelism, or DDP unless only sharding fits."""
         if count == 1:
-            return replace(base, num_gpus=1, parallelism="ddp")
+            return self.derive(base, 1, "ddp")
         if base.parallelism != "ddp":
-            return replace(base, num_gpus=count)
-        ddp = replace(base, num_gpus=count, parallelism="ddp")
+            return self.derive(base, count, base.parallelism)
+        ddp = self.derive(base, count, "ddp")
         if self.memory(self._memory_key(ddp)).peak_bytes + required_headroom(vram) <= vram:
             return ddp
-        return replace(base, num_gpus=count, parallelism="fsdp")
+        return self.derive(base, count, "fsdp")
 
     def row(
         self,
@@ -236,7 +264,7 @@ class Ranker:
         fits = headroom >= 0
         note = _unsupported(setup, gpu)
         ok = fits and not note and headroom >= required_headroom(gpu.vram_bytes)
-        price = cheapest_rentable(prices, gpu.slug)
+        price = self.cheapest(prices, gpu.slug)
         tp: Throughput | None = None
         hours = usd = None
         if fits and not note:
