@@ -1,6 +1,8 @@
 """Print microseconds per estimate_memory call, cold and warm (a script, not a timed test).
 
-.venv/bin/python scripts/bench_core.py
+.venv/bin/python scripts/bench_core.py [--python]
+
+--python: time the Python allocator replay (the fallback where app/core/_replay.c was not compiled).
 
 cold: every call is a setup the process has not seen (Llama-3.1-8B QLoRA over batch x seq, and the
 same with every core cache cleared before each call); warm: a mix of setups estimated again and again.
@@ -16,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
 
 from app.core import fragment, memory, params, trace  # noqa: E402
 from app.core.architecture import Architecture, parse_config  # noqa: E402
@@ -52,6 +56,11 @@ def cold(arch: Architecture, clear_each: bool) -> list[float]:
 
 def main() -> None:
     """Time cold setups on Llama-3.1-8B, then a warm mix of setups on a few architectures."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--python", action="store_true", help="use the Python allocator replay")
+    if parser.parse_args().python:
+        trace._replay = None  # type: ignore[assignment]
+    print("allocator replay:", "C (app/core/_replay.c)" if trace._replay is not None else "Python (trace.py)")
     llama = _model("llama-3.1-8b")
     for label, clear_each in (("new setups", False), ("all caches cleared", True)):
         t = cold(llama, clear_each)
