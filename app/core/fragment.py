@@ -21,9 +21,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     full = setup.method == "full"
     g = grad_size(setup)
     h, v, L = arch.hidden_size, arch.vocab_size, arch.num_layers
-    weights: list[int] = []
-    for nbytes, count in weight_tensors(arch, setup)[0]:
-        weights.extend([nbytes] * count)
+    weights, dequant = _weights(arch, setup.method, setup.precision, setup.double_quant)
     # FSDP2 all-gathers per layer (its weights) and per root module (embedding, final norm, lm_head)
     elem = param_bytes(setup) if setup.method != "qlora" else 4
     layer_weights: list[int] = []
@@ -145,11 +143,24 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         logits_fp32=4 * v * tok if lg != 4 else 0,
         vocab_fp32=4 * v * tok,
         shared=tuple(shared),
-        dequant=weight_tensors(arch, setup)[1],
+        dequant=dequant,
         shards=setup.num_gpus if setup.parallelism == "fsdp" else 1,
         layer_weights=tuple(layer_weights),
         root_weights=tuple(root_weights),
     )
+
+
+@lru_cache(maxsize=256)
+def _weights(
+    arch: Architecture, method: str, precision: str, double_quant: bool
+) -> tuple[tuple[int, ...], int]:
+    """(every resident weight tensor in load order, the largest dequantized weight): batch-independent."""
+    setup = TrainingSetup(method, precision=precision, double_quant=double_quant)  # type: ignore[arg-type]
+    groups, dequant = weight_tensors(arch, setup)
+    weights: list[int] = []
+    for nbytes, count in groups:
+        weights.extend([nbytes] * count)
+    return tuple(weights), dequant
 
 
 @lru_cache(maxsize=4096)
