@@ -37,7 +37,10 @@ def dtypes_for(setup: TrainingSetup) -> Dtypes:
         # to fp32, so the residual stream is fp32; Linear4bit computes in bf16 and casts its output
         # back to the input dtype (`.to(inp_dtype)` in bnb Linear4bit.forward): fp32 downstream.
         # Under autocast, SDPA and the fp32 lm_head run on 16-bit casts (run b-architectures-035).
-        return Dtypes(4, 4, 2 if amp else 4, 2 if amp else 4, amp, False)
+        # flash_attention_2 casts fp32 q/k/v to the pre-quantization dtype (bf16) before the kernel
+        # (transformers integrations/flash_attention.py + fa_peft_integration_check): 16-bit attention.
+        attn = 2 if amp or setup.attention == "flash_attention_2" else 4
+        return Dtypes(4, 4, attn, 2 if amp else 4, amp, False)
     full = setup.method == "full"
     if amp:
         # fp32 weights under autocast: matmuls produce 16-bit outputs, the residual adds promote

@@ -59,6 +59,10 @@ class TrainingSetup:
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _int_in("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
         _int_in("num_gpus", self.num_gpus, 1, MAX_NUM_GPUS)
+        if self.attention == "flash_attention_2" and self.precision == "fp32":
+            # flash-attn kernels take fp16/bf16 only, and transformers casts fp32 q/k/v only to an
+            # autocast or pre-quantization dtype: pure fp32 training fails at the first forward.
+            raise CoreInputError("attention", "flash_attention_2 runs only in fp16/bf16: use sdpa with fp32")
         if self.method != "full":
             _int_in("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
             _int_in("lora_alpha", self.lora_alpha, 1, 1 << 30)

@@ -137,3 +137,21 @@ def test_sliding_window_beyond_window_adds_a_mask() -> None:
     above = estimate_memory(a, TrainingSetup("lora", seq_len=1024, gradient_checkpointing=False))
     # one more token, but 29 layers now keep a 1024 x 1024 bf16 bias and full-width k/v
     assert above.breakdown["activations"] - below.breakdown["activations"] > 29 * 1024 * 1024 * 2
+
+
+def test_qlora_flash_attention_2_runs_attention_in_bf16() -> None:
+    """transformers casts QLoRA's fp32 q/k/v to bf16 for flash-attn: no s^2 math fallback, 2-byte q/k/v."""
+    from app.core.activations import dtypes_for, layer_activations, lora_target_names
+
+    a = arch("llama-3.1-8b")
+    sdpa = TrainingSetup("qlora", batch_size=1, seq_len=4096)
+    fa2 = TrainingSetup("qlora", batch_size=1, seq_len=4096, attention="flash_attention_2")
+    assert dtypes_for(sdpa).attn == 4 and dtypes_for(fa2).attn == 2
+    targets = lora_target_names(a, fa2.lora_targets)
+    assert layer_activations(a, fa2, targets).attn_scores_saved == 0
+    assert layer_activations(a, sdpa, targets).attn_scores_saved == 4  # SDPA math keeps softmax(QK^T)
+    peak_sdpa = estimate_memory(a, sdpa).peak_bytes
+    peak_fa2 = estimate_memory(a, fa2).peak_bytes
+    # under GC the recomputed layer's fp32 probabilities (32 heads x 4096^2 x 4 bytes = 2 GiB) and its
+    # transient scores are what SDPA's math kernel adds at the backward peak
+    assert peak_fa2 < peak_sdpa - 2**30

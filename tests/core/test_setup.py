@@ -17,6 +17,7 @@ from app.core.setup import TrainingSetup
         ({"method": "full", "precision": "int8"}, "precision"),
         ({"method": "full", "optimizer": "lion"}, "optimizer"),
         ({"method": "full", "attention": "flex"}, "attention"),
+        ({"method": "full", "precision": "fp32", "attention": "flash_attention_2"}, "attention"),
         ({"method": "full", "parallelism": "tp"}, "parallelism"),
         ({"method": "full", "batch_size": 0}, "batch_size"),
         ({"method": "full", "batch_size": 2.5}, "batch_size"),
