@@ -85,12 +85,22 @@ def _mixed_precision(setup: TrainingSetup) -> str:
     return "bf16"
 
 
+def _fsdp_mixed_precision(setup: TrainingSetup) -> str:
+    """accelerate's mixed_precision for FSDP: "no" for pure 16-bit training, the model dtype then rules.
+
+    With mixed_precision bf16/fp16, accelerate upcasts every trainable parameter to fp32 before
+    `fully_shard` (utils/fsdp_utils.py `fsdp2_prepare_model`: "Upcast to fp32 master weights"), which
+    doubles sharded weights, gradients and optimizer states: right for amp_*, not for pure bf16/fp16.
+    """
+    return "no" if setup.precision in ("bf16", "fp16") else _mixed_precision(setup)
+
+
 def accelerate_fsdp_yaml(arch: Architecture, setup: TrainingSetup) -> str:
     """accelerate FSDP2 config: full sharding per decoder layer, activation checkpointing by FSDP."""
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "FSDP",
-        "mixed_precision": _mixed_precision(setup),
+        "mixed_precision": _fsdp_mixed_precision(setup),
         "num_machines": 1,
         "num_processes": setup.num_gpus,
         "machine_rank": 0,
@@ -200,7 +210,15 @@ def bnb_config(setup: TrainingSetup) -> dict[str, Any] | None:
 
 def sft_config(setup: TrainingSetup, grad_accum: int, epochs: int, engine: str) -> dict[str, Any]:
     """TRL SFTConfig keyword arguments matching the estimate (micro-batch, accumulation, precision)."""
-    mp = _mixed_precision(setup)
+    # The Trainer's bf16/fp16 flags become accelerate's mixed_precision (they override the YAML's).
+    mp = _fsdp_mixed_precision(setup) if engine == "fsdp" else _mixed_precision(setup)
+    # amp_* loads fp32 weights (autocast computes in 16 bits); DeepSpeed casts the module to its bf16/fp16
+    # dtype anyway (engine.py `_cast_module_mixed_precision`), so it loads 16-bit weights directly.
+    amp = setup.precision in ("amp_bf16", "amp_fp16") and not engine.startswith("deepspeed")
+    if setup.precision == "fp32" or amp:
+        load_dtype = "float32"
+    else:
+        load_dtype = "float16" if setup.precision in ("fp16", "amp_fp16") else "bfloat16"
     fsdp_checkpoints = engine == "fsdp"
     cfg: dict[str, Any] = {
         "output_dir": "out",
@@ -218,7 +236,7 @@ def sft_config(setup: TrainingSetup, grad_accum: int, epochs: int, engine: str) 
         "save_strategy": "steps",
         "save_steps": 500,
         "model_init_kwargs": {
-            "dtype": "bfloat16" if mp == "bf16" else ("float16" if mp == "fp16" else "float32"),
+            "dtype": load_dtype,
             "attn_implementation": setup.attention,
         },
     }
@@ -249,7 +267,12 @@ def engine_config(
         engine = "fsdp"
         summary = (
             f"PyTorch FSDP2 via accelerate over {n} GPUs: weights, gradients and optimizer states are "
-            f"sharded per {layer_class(arch)}."
+            f"sharded per {layer_class(arch)}"
+            + (
+                "; mixed precision keeps them in fp32 and all-gathers 16-bit copies."
+                if _fsdp_mixed_precision(setup) in ("bf16", "fp16")
+                else "."
+            )
         )
         yaml = accelerate_fsdp_yaml(arch, setup)
         launch = "accelerate launch --config_file accelerate_fsdp.yaml train.py"
@@ -257,7 +280,9 @@ def engine_config(
         stage = 3 if setup.parallelism == "zero3" else 2
         engine = f"deepspeed_zero{stage}"
         shards = "weights, gradients and optimizer states" if stage == 3 else "gradients and optimizer states"
-        summary = f"DeepSpeed ZeRO-{stage} over {n} GPUs: {shards} are partitioned across GPUs."
+        summary = f"DeepSpeed ZeRO-{stage} over {n} GPUs: {shards} are partitioned across GPUs" + (
+            "; the optimizer keeps an fp32 master partition." if setup.precision != "fp32" else "."
+        )
         ds = deepspeed_config(setup, stage)
         # HF Trainer/TRL reads the JSON from SFTConfig(deepspeed=...); torchrun starts one process per GPU.
         launch = f"torchrun --nproc_per_node {n} train.py  # SFTConfig(deepspeed='ds_zero{stage}.json')"

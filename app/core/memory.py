@@ -22,6 +22,7 @@ from app.core.notices import Notice
 from app.core.optim import optimizer_bytes
 from app.core.params import Group, grad_size, param_bytes, trainable_groups, weight_tensors
 from app.core.setup import TrainingSetup
+from app.core.zero import apply_zero, engine_setup, is_zero, zero_terms
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ def estimate_memory(
     """
     warnings: list[Notice] = []
     assumptions: list[str] = []
+    ds_zero = is_zero(setup)
+    if ds_zero:
+        setup = engine_setup(setup)  # DeepSpeed casts the module to 16 bits (zero.py)
     st = _static(arch, _shape_key(setup))
     targets = st.targets
     n = setup.num_gpus
@@ -265,7 +269,13 @@ def estimate_memory(
         for name in ("forward", "backward_top", "backward_bottom"):
             # bnb MatMul4Bit dequantizes the whole weight to bf16 for the matmul (and again in backward).
             phases[name]["qlora_dequant_workspace"] = dequant_bytes
-    if dtypes.autocast:
+    # accelerate's FSDP2 with mixed_precision bf16/fp16 (not the harness's bare fully_shard): the sharded
+    # fp32 parameters are all-gathered in the 16-bit MixedPrecisionPolicy.param_dtype, so no autocast
+    # copies and 16-bit unsharded layers (accelerate utils/fsdp_utils.py `fsdp2_prepare_model`).
+    accel_mp = (
+        shard_params and setup.parallelism == "fsdp" and dtypes.autocast and not setup.full_model_load_per_gpu
+    )
+    if dtypes.autocast and not accel_mp:
         _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
     fsdp = _fsdp_terms(arch, setup, weight_groups, grads * n if shard_grads else grads, g_size)
     if shard_params:
@@ -273,9 +283,14 @@ def estimate_memory(
         # during forward and backward a layer's parameters are unsharded, with the next one prefetched,
         # the root's own parameters (embedding, final norm, lm_head) stay unsharded from the forward to
         # the backward, and the backward holds a layer's unsharded gradients before their reduce-scatter.
-        phases["forward"]["gathered_params"] = 2 * fsdp.layer_weights + fsdp.root
+        gathered = (2 * fsdp.layer_weights + fsdp.root) // (2 if accel_mp else 1)
+        phases["forward"]["gathered_params"] = gathered
         for name in ("backward_loss", "backward_top", "backward_bottom", "backward_end"):
-            phases[name]["gathered_params"] = 2 * fsdp.layer_weights + fsdp.root + fsdp.layer_grads
+            phases[name]["gathered_params"] = gathered + fsdp.layer_grads
+    if ds_zero:
+        zt = zero_terms(arch, setup, targets)
+        apply_zero(phases, zt)
+        adapters, managed = zt.adapters, zt.managed
     best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
 
     breakdown: dict[str, int] = {
@@ -287,6 +302,7 @@ def estimate_memory(
         breakdown["adapters"] = adapters
     for key in (
         "gradients",
+        "master_weights",
         "optimizer_states",
         "optimizer_step_temporaries",
         "activations",
@@ -294,6 +310,7 @@ def estimate_memory(
         "autocast_weight_copies",
         "qlora_dequant_workspace",
         "gathered_params",
+        "zero_buckets",
     ):
         if best.get(key):
             breakdown[key] = best[key]
@@ -359,6 +376,18 @@ def estimate_memory(
     if multi:
         assumptions.append(
             f"{setup.parallelism} over {n} GPUs: per-GPU memory; multi-GPU terms are not calibrated."
+        )
+    if ds_zero:
+        assumptions.append(
+            "DeepSpeed ZeRO with the handed-out config: the module is cast to 16 bits, the optimizer "
+            "(HF Trainer's, e.g. torch AdamW) runs on an fp32 master partition with fp32 states, "
+            "gradients go through reduce buckets of hidden_size^2 elements; allocator fragmentation "
+            "is scaled from a single-GPU replay."
+        )
+    if accel_mp:
+        assumptions.append(
+            "accelerate FSDP2 with mixed precision upcasts trainable parameters to fp32 (sharded "
+            "parameters, gradients and optimizer states in fp32) and all-gathers 16-bit copies."
         )
     if setup.method == "qlora" and arch.is_moe:
         warnings.append(

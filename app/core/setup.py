@@ -48,6 +48,8 @@ class TrainingSetup:
     # do (accelerate `fsdp_cpu_ram_efficient_loading`, DeepSpeed `zero.Init`). True: every rank first
     # loads the whole model onto its GPU and then shards it (from_pretrained with a GPU device_map, then
     # fully_shard), as `tunefit measure` ran its FSDP batch (data/calibration/h200-d-fsdp-2gpu.jsonl).
+    # True also marks that harness's bare `fully_shard` (no MixedPrecisionPolicy: amp_* gathers fp32 layers
+    # under autocast); False is accelerate's FSDP2, whose mixed precision all-gathers 16-bit copies.
     full_model_load_per_gpu: bool = False
 
     def __post_init__(self) -> None:
