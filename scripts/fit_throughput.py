@@ -66,7 +66,7 @@ def predict(rec: dict[str, Any], gpu: GpuSpec, cal: Calibration) -> float:
     ).tokens_per_s
 
 
-WORST_WEIGHT = 40.0  # the test bounds every run, so the worst error weighs heavily
+WORST_WEIGHT = 10.0  # the test bounds every run, so the worst weighs more; not so much that noise leads
 # Robust cap: a run whose log error exceeds this is missing a mechanism, not a constant; counting it at
 # the cap keeps one unexplained run (c-large-007, full fine-tuning of the MoE) from bending every constant.
 ERROR_CAP = 0.25
@@ -83,12 +83,11 @@ def loss(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration) -> float:
 # optimizer's traffic constants on these runs. host_ops_per_expert stays at its prior (one op per
 # per-expert mm of the fp32 grouped-GEMM fallback): the only run using it (c-large-009) spends that loop
 # GPU-bound, so it cannot identify it.
+# matmul_eff, attn_eff, fp32_eff, adamw_passes, lora_io_bytes, elementwise_passes and dequant_bytes are
+# measured in the torch.profiler runs
+# (data/calibration/profiles/) and held, so that host and elementwise constants cannot trade against them.
 FITTED = (
-    "matmul_eff",
-    "attn_eff",
-    "fp32_eff",
     "host_s_per_kernel",
-    "adamw_passes",
     "bnb8_bytes",
     "adafactor_passes",
     "host_ops_gc_per_layer",
@@ -96,7 +95,6 @@ FITTED = (
     "overlap_p",
     "host_ops_lora",
     "host_ops_qlora_linear",
-    "dequant_bytes",
     "fp32_attn_eff",
     "logits_bytes",
     "host_ops_gc_per_wrapper",
@@ -105,6 +103,7 @@ FITTED = (
     "host_ops_shard_per_layer",
     "score_bytes_eager",
     "score_bytes_math",
+    "fused_slice_passes",
 )
 # Physical bounds: a fit may not trade one mechanism for another beyond what the hardware allows.
 BOUNDS = {
@@ -116,10 +115,12 @@ BOUNDS = {
     "comm_overlap": (0.0, 1.0),
     "dequant_bytes": (2.5, 40.0),
     "fp32_attn_eff": (0.05, 0.6),
-    "logits_bytes": (20.0, 400.0),
+    "logits_bytes": (40.0, 400.0),  # the loss kernels alone: 30 B per entry (Gemma-3, g-profile-006)
     "adamw_passes": (12.0, 48.0),
     "score_bytes_eager": (24.0, 160.0),
     "score_bytes_math": (24.0, 160.0),
+    "elementwise_passes": (8.0, 40.0),
+    "fused_slice_passes": (0.0, 80.0),
 }
 
 
@@ -188,6 +189,8 @@ def _uses(rec: dict[str, Any], name: str) -> bool:
         return rec["attention"] == "eager"
     if name == "score_bytes_math":
         return rec["attention"] == "sdpa" and (rec["method"] == "qlora" or rec["precision"] == "fp32")
+    if name == "fused_slice_passes":
+        return rec["model_config"].get("model_type") == "phi3"
     if name == "logits_bytes":
         return True
     if name == "host_ops_gc_per_wrapper":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.core.activations import dtypes_for, lora_target_names, sdpa_math
+from app.core.activations import dtypes_for, lora_target_names, masked_sliding, sdpa_math
 from app.core.architecture import Architecture
 from app.core.gpu import GpuSpec, interconnect_of
 from app.core.setup import TrainingSetup
@@ -56,58 +56,88 @@ class Calibration:
     host_ops_shard_per_layer: float  # FSDP/ZeRO-3 pre/post hooks per sharded layer per pass
     score_bytes_eager: float  # HBM bytes per attention score of eager attention, fwd+bwd
     score_bytes_math: float  # the same for SDPA's math kernel (fp32 inputs with grouped k/v heads)
+    elementwise_passes: float  # elementwise HBM passes over (hidden + MLP width) per token, layer and pass
+    fused_slice_passes: float  # extra passes over fused qkv/gate_up outputs (strided slices, their grads)
+    lora_io_bytes: float  # HBM bytes per adapter in+out feature per token and pass of peft's fp32 GEMMs
     fitted_on: str  # which runs fixed these numbers
 
 
-# Fitted by scripts/fit_throughput.py --fit (Nelder-Mead in log space, squared log errors plus a heavy
-# weight on the worst run, each error capped at 25% so that a run missing a mechanism does not bend every
-# constant) on every single-GPU H200 run of data/calibration/h200-{a,b,c}-*.jsonl, from starting values
-# read off run pairs: host cost from the host-bound batch-1 runs (a-014 full/SGD 55.6 ms, a-016 LoRA
-# 46.1 ms), AdamW traffic from a-001 minus a-014, 8-bit/Adafactor from a-012/013/015, checkpointing from
-# a-006 minus a-001, QLoRA's per-Linear4bit and dequantization cost from b-022..026 against their LoRA
-# twins, fp32 attention from b-026 (4096 tokens) against b-023. MoE needs no fitted constant: its host ops
-# are counted (_HOST_OPS_MOE_*) and host_ops_per_expert is a prior (one op per mm of the fp32 fallback).
-# Bounds keep each constant physical (scripts/fit_throughput.py BOUNDS): SDPA at 25% of the dense
-# peak and fp32 GEMMs at 50% of the fp32 peak are where the fit rests at the edge of those bounds.
-# score_bytes_math rests at its lower bound (24 B per score: one fp32 write and read each way), so the
-# math kernel's fp32 GEMMs, not its traffic, carry b-026's cost. Single-GPU constants are fitted on the
-# single-GPU runs, then the three multi-GPU ones on batch d with those held.
-# Accuracy: median |error| 4.7%, 56 of 63 single-GPU runs within 15%, worst 19.5% but for c-large-007
-# (full fine-tuning of the 8-layer Qwen3-MoE, +51%: the model misses a cost of MoE full fine-tuning
-# that its LoRA twin c-008 does not have); two-GPU runs within 6% (tests/core/test_throughput_calibration.py,
-# which also states the step-spread rule for noisy runs).
+# Two kinds of constants. Measured (held by the fit): the GEMM, attention and fp32 rates, the optimizer's
+# and dequantization's traffic, the elementwise passes and peft's adapter GEMMs, read off torch.profiler
+# traces of 38 training steps (scripts/profile_step.py; data/calibration/profiles/). Fitted by
+# scripts/fit_throughput.py --fit (Nelder-Mead in log space, squared log errors plus a weight on the
+# worst run, each error capped at 25% so that a run missing a mechanism does not bend every constant) on
+# every single-GPU H200 run of data/calibration/h200-{a,b,c,e}-*.jsonl: host cost per op, checkpointing
+# and wrapper hooks, logits/loss, 8-bit/Adafactor traffic, eager/math score bytes, fused slices. The
+# profiles showed why the earlier all-fitted constants fitted for the wrong reasons: GEMMs ran 1.5x
+# faster than fitted (821 vs 546 TFLOP/s), elementwise kernels took ~2x the fitted bytes, and NF4
+# dequantization 4 rather than 17.5 bytes per parameter (the rest was host time). MoE needs no fitted
+# constant: its host ops are counted (_HOST_OPS_MOE_*) and host_ops_per_expert is a prior (one op per mm
+# of the fp32 fallback). Single-GPU constants are fitted on the single-GPU runs, then the three
+# multi-GPU ones on batch d with those held.
+# Accuracy: median |error| 5.4%, 66 of 78 single-GPU runs within 15%; beyond 24% c-large-001 (+34%: the
+# same setup profiled at 504 ms against the harness's 646, the model 482), c-large-007 (MoE full
+# fine-tuning, +30%) and e-gemma3-mixtral-fp16-006 (Gemma-3-4B LoRA, +29%); two-GPU runs within 7%
+# (tests/core/test_throughput_calibration.py, which also states the step-spread rule for noisy runs and
+# the host-time spread measured between processes).
 CALIBRATION = Calibration(
-    matmul_eff=0.6917,
-    attn_eff=0.25,
-    fp32_eff=0.5,
+    # Measured, not fitted (torch.profiler, data/calibration/profiles/, scripts/profile_step.py): the
+    # 16-bit GEMM kernels (nvjet/cuBLAS) of 19 dense profiled steps ran at 665-882 TFLOP/s, median 821 =
+    # 1.04 x the 790 of a square 8192^3 matmul on random data; fp32 GEMMs (QLoRA's fp32 lm_head, SDPA
+    # math's fp32 score GEMMs, MoE experts' fp32 fallback mms) at 34-46 TFLOP/s over six QLoRA
+    # profiles, median 42 = 0.63 of the 66.8 fp32 peak (an 8B lm_head alone: 51.5).
+    matmul_eff=1.04,
+    # SDPA's fused attention kernels (cuDNN/flash): 242-297 TFLOP/s of causal score FLOPs in the bf16
+    # LoRA profiles (Qwen2.5-14B, Mistral-7B, Llama-3.2-1B, Phi-3), 0.27 of the 989 dense peak.
+    attn_eff=0.27,
+    fp32_eff=0.63,
     bandwidth_eff=0.8,
-    host_s_per_kernel=1.562e-05,
-    adamw_passes=19.53,
-    bnb8_bytes=112.2,
-    adafactor_passes=39.44,
-    host_ops_gc_per_layer=154.7,
-    host_ops_per_trained_tensor=11.8,
-    overlap_p=7.92,
-    host_ops_lora=9.18,
-    host_ops_qlora_linear=13.17,
+    host_s_per_kernel=1.751e-05,
+    # torch's foreach AdamW makes 20 passes of the parameter size (see _optimizer_bytes); its
+    # multi_tensor_apply kernels moved 2.9-3.3 TB/s in every profiled full fine-tune (Qwen3-MoE 77.4 ms,
+    # Mixtral 76 ms, Phi-3 47.2 ms, Gemma-3-1B 13 ms of optimizer kernels for 5.61/6.07/3.82/1.00 B bf16
+    # parameters), 0.64 of the spec bandwidth: 20 x 0.8 / 0.64 = 24.6 passes at bandwidth_eff.
+    adamw_passes=24.6,
+    bnb8_bytes=125.2,
+    adafactor_passes=44.33,
+    host_ops_gc_per_layer=161.7,
+    host_ops_per_trained_tensor=7.2,
+    overlap_p=7.75,
+    host_ops_lora=4.99,
+    host_ops_qlora_linear=10.2,
     host_ops_per_expert=1.0,
-    dequant_bytes=17.54,
-    fp32_attn_eff=0.311,
-    logits_bytes=108.4,
-    host_ops_gc_per_wrapper=19.79,
+    # bitsandbytes kDequantizeBlockwise: 23.2 ms for Mistral-7B's and 40.9 ms for Qwen2.5-14B's NF4
+    # weights dequantized three times a step (f-profile-005/014): 4.0-4.3 bytes per parameter per
+    # dequantization at bandwidth_eff (0.5 read, 2 written, absmax, at ~60% of streaming bandwidth).
+    dequant_bytes=4.1,
+    fp32_attn_eff=0.579,
+    logits_bytes=92.1,
+    host_ops_gc_per_wrapper=20.12,
     # multi-GPU: fitted on h200-d-fsdp-2gpu 001-004 only (FSDP2 on two NVLink H200s): the collectives
-    # reach the link's rate, but only ~19% of the compute hides them, and FSDP2's per-layer hooks cost
-    # ~1.9 ms of host time per layer and pass; PCIe and more than two GPUs are extrapolated.
-    comm_eff=1.0,
-    comm_overlap=0.188,
-    host_ops_shard_per_layer=121.4,
-    score_bytes_eager=87.9,
-    score_bytes_math=24.0,
+    # reach the link's rate, but only ~22% of the compute hides them, and FSDP2's per-layer hooks cost
+    # ~1.8 ms of host time per layer and pass; PCIe and more than two GPUs are extrapolated.
+    comm_eff=0.987,
+    comm_overlap=0.2206,
+    host_ops_shard_per_layer=102.4,
+    score_bytes_eager=88.96,
+    score_bytes_math=55.5,
+    # Measured: the bf16 profiles' non-GEMM kernel time (elementwise, copies, reductions, loss) needs
+    # 19-26 passes for dense layers (Llama-3.2-1B, Llama-3.1-8B, Mistral-7B, Gemma-3-1B; Qwen2.5-14B
+    # 30.6), with the logits/loss and LoRA-cast terms at their own values: held at 22.
+    elementwise_passes=22.0,
+    fused_slice_passes=1.05,
+    # peft's rank-r fp32 adapter GEMMs are bound by reading and writing their fp32 in/out features, not
+    # by FLOPs: their kernels took 1.4-20.7 ms in the LoRA profiles, 11-15 bytes per (in + out) feature
+    # per token and pass at bandwidth_eff (Mistral 11.8, Qwen2.5-14B 12.4, Llama-3.2-1B 11.2, Mixtral
+    # 12.3, Gemma-3 14.8; Phi-3's fused qkv 8.4); FLOPs at the fp32 rate would give a third of that.
+    lora_io_bytes=12.0,
     fitted_on=(
         "h200-d-fsdp-2gpu (4 two-GPU FSDP2 runs) and "
-        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large: 63 single-GPU H200 runs "
-        "(Llama-3.2-1B/3B, Llama-3.1-8B, Mistral-7B, Qwen2.5-0.5B/1.5B/14B, Gemma-2-2B, Phi-3-mini, "
-        "Qwen3-30B-A3B cut to 8 layers; full/LoRA/QLoRA)"
+        "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large, h200-e-gemma3-mixtral-fp16: "
+        "78 single-GPU H200 runs (Llama-3.2-1B/3B, Llama-3.1-8B, Mistral-7B, Qwen2.5-0.5B/1.5B/14B, "
+        "Gemma-2-2B, Gemma-3-1B/4B, Phi-3-mini, Qwen3-30B-A3B cut to 8 layers, Mixtral-8x7B cut to 4; "
+        "full/LoRA/QLoRA; bf16/fp16/amp) and torch.profiler traces of 38 steps (data/calibration/profiles); "
+        "checked, not fitted: h200-f-ddp-2gpu (3 two-GPU DDP runs)"
     ),
 )
 
@@ -132,10 +162,13 @@ _FP32_SHARE = (
     ("apple", 1.0),
 )
 
-# Elementwise bytes per token per layer per pass, in units of (hidden + intermediate) x element size:
-# RMSNorm reads/writes ~3 hidden-wide tensors each (x2), RoPE ~4 q/k-wide, residual adds 3, SwiGLU
-# act*up reads 2 and writes 1 intermediate-wide, casts ~2 more: about 10 passes over h + i in total.
-_ELEMENTWISE_PASSES = 10
+
+
+# MoE layers: the non-GEMM kernels of a routed token copy (sort, gather, masked_fill/index_put
+# un-permute, routing-weight multiply; several non-vectorized) took 1.4-1.8x a dense layer's elementwise
+# time per element: 31-32 effective passes for Mixtral (g-profile-009/010, i-profile-stalls-006) and
+# 38-39 for Qwen3-MoE (f-profile-010/011, i-profile-stalls-007/008) against 19-26 for dense layers.
+_MOE_ROUTING_PASSES = 1.6
 
 
 @dataclass(frozen=True)
@@ -178,6 +211,7 @@ class _Work:
     # step-wide max(GPU, host).
     experts: tuple[float, float, bool, bool] = (0.0, 0.0, False, False)
     head_segment: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    lora: tuple[float, float] = (0.0, 0.0)  # peft's fp32 adapter GEMMs: FLOPs, HBM bytes
 
 
 def fp32_tflops(gpu: GpuSpec) -> float:
@@ -253,7 +287,10 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         passes.append((bwd_w, layer_w))
     # LoRA adapters run in fp32 (peft's autocast_adapter_dtype): forward, recompute, and backward's
     # activation and weight grads; small GEMMs, counted at the fp32 rate.
-    fp32_flops += 2.0 * adapter * t * (3 + (1 if gc else 0))
+    lora_passes = 3 + (1 if gc else 0)
+    lora_flops = 2.0 * adapter * t * lora_passes
+    lora_io = sum(x.layers * (x.in_features + x.out_features) for x in arch.linears if x.name in targets)
+    lora_bytes = c.lora_io_bytes * lora_io * t * lora_passes
 
     # Attention scores: QK^T and PV, 2 FLOPs per MAC; causal kernels (flash / memory-efficient SDPA)
     # skip the upper triangle, eager computes the full matrix. Backward is 2x forward (dQ, dK, dV, dP),
@@ -265,14 +302,30 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     materialized = setup.attention == "eager" or sdpa_math(arch, setup)
     causal = not materialized
     keys = (s + 1) / 2 if causal else s
-    if arch.sliding_window and causal and s > arch.sliding_window:
-        keys = min(keys, float(arch.sliding_window))
+    if arch.sliding_window and causal and arch.sliding_layers:
+        share = arch.sliding_layers / layers
+        if masked_sliding(arch, setup):
+            # SDPA has no window argument: transformers passes the windowed layers an explicit mask, and
+            # the masked kernel computes every key (no causal or window block skipping): Gemma-3-1B's
+            # attention kernels took 8.4 ms at 4x1024 and 32.0 ms at 1x4096 (g-profile-006/007), as
+            # s keys on its 22 windowed layers give, against 4 ms for both with window-limited keys.
+            keys = keys * (1 - share) + s * share
+        elif setup.attention == "flash_attention_2" and s > arch.sliding_window:
+            keys = keys * (1 - share) + min(keys, float(arch.sliding_window)) * share
     attn_fwd = 4.0 * layers * arch.q_width * keys * t
     attn = attn_fwd * ((1 if gc else 0) + 1 + (2.5 if causal else 2.0))
 
     n_pass = 3 + (1 if gc else 0)  # forward, backward (counted twice: reads and writes), recompute
     act = d.residual
-    stream = float(_ELEMENTWISE_PASSES * layers * (h + arch.intermediate_size) * act * t * n_pass)
+    # Elementwise passes (calibration.elementwise_passes) over h + the MLP's width: RMSNorms, RoPE,
+    # residual adds, SwiGLU and casts; many of these kernels run on strided views (RoPE on transposed
+    # q/k) well under the bandwidth of contiguous copies, hence ~22 effective passes rather than the ~10
+    # a byte count gives. An MoE layer's MLP width is its routed copies, top_k x (expert width + hidden)
+    # (gathered inputs, expert activations, weighted outputs), with routing's own kernels on top.
+    moe_width = _MOE_ROUTING_PASSES * arch.experts_per_token * (arch.moe_intermediate_size + h)
+    dense_layers = layers - arch.num_moe_layers
+    widths = dense_layers * (h + arch.intermediate_size) + arch.num_moe_layers * (h + moe_width)
+    stream = float(c.elementwise_passes * widths * act * t * n_pass)
     stream += c.logits_bytes * v * t
     if arch.final_logit_softcapping:  # Gemma 2: logits / cap, tanh, * cap, forward and backward
         stream += 6 * 4.0 * v * t
@@ -288,6 +341,15 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         # dispatcher count of a Phi-3 layer shows 5 more slice_backward/cat than a Llama layer).
         qkv_width = arch.q_width + 2 * arch.num_kv_heads * arch.head_dim
         stream += 11.0 * qkv_width * act * t * layers
+    if arch.fused_qkv or arch.fused_gate_up:
+        # Every op after a fused projection reads a strided slice of its output (q/k/v, gate/up chunks),
+        # which runs PyTorch's non-vectorized elementwise kernel; Phi-3's profiles (f-profile-012/013)
+        # spent 2.8-3.3x a Llama layer's elementwise time per element, in those kernels and the cat/fill
+        # of the slices' gradients (fitted: calibration.fused_slice_passes over the fused widths).
+        fused_w = (arch.q_width + 2 * arch.num_kv_heads * arch.head_dim if arch.fused_qkv else 0) + (
+            2 * arch.intermediate_size if arch.fused_gate_up else 0
+        )
+        stream += c.fused_slice_passes * fused_w * act * t * layers
     if materialized:
         # Materialized scores (b x heads x s^2 per layer) round-trip through HBM: QK^T write, softmax
         # in fp32, PV read, about twice that in backward. Eager also adds the 4D causal mask and casts
@@ -348,15 +410,16 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         model_flops=model_flops,
         experts=experts,
         head_segment=head_segment,
+        lora=(lora_flops, lora_bytes),
     )
 
 
 def _optimizer_bytes(optimizer: str, p_elem: int, cal: Calibration) -> float:
     """HBM traffic per trainable parameter of one optimizer step (effective, fitted where measured)."""
     if optimizer == "adamw":
-        # torch foreach AdamW: reads param, grad, exp_avg, exp_avg_sq, writes three of them, and its
-        # _foreach_* chain (weight decay, lerp, mul, addcmul, sqrt, div, add, addcdiv) passes over
-        # temporaries: at least ~21 passes of the parameter size.
+        # torch foreach AdamW (torch/optim/adamw.py _multi_tensor_adamw): mul_ (weight decay) 2, lerp_ 3,
+        # mul_ 2, addcmul_ 3, sqrt 2, div_ 2, add_ 2, addcdiv_ 4 = 20 passes of the parameter size, at
+        # the multi_tensor_apply kernels' measured bandwidth (CALIBRATION.adamw_passes).
         return cal.adamw_passes * p_elem
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         # bitsandbytes 8-bit kernel: param r/w, grad r, two uint8 states r/w, blockwise requantization.
@@ -411,7 +474,7 @@ def estimate_throughput(
 
     gemm = sum(max(fl / mm_rate, wb / bw) for fl, wb in w.gemm_flops)
     gemm_memory_bound = sum(wb / bw for fl, wb in w.gemm_flops if wb / bw > fl / mm_rate)
-    fp32 = w.fp32_flops / f32_rate
+    fp32 = w.fp32_flops / f32_rate + max(w.lora[0] / f32_rate, w.lora[1] / bw)
     # Materialized fp32 scores are cuBLAS batched SGEMMs (head_dim 64-256: compute-bound at the fp32
     # rate); in 16-bit the same GEMMs are bound by writing the s^2 scores, which attn_eff absorbs.
     fp32_attn = f32_rate if w.attn_gemm else fp32_tflops(gpu) * 1e12 * c.fp32_attn_eff
@@ -490,7 +553,8 @@ def estimate_throughput(
         num_gpus=setup.num_gpus,
         tokens_per_s=tokens_per_s,
         step_s=step_s,
-        flops_per_token=(sum(fl for fl, _ in w.gemm_flops) + w.fp32_flops + w.attn_flops) / w.tokens,
+        flops_per_token=(sum(fl for fl, _ in w.gemm_flops) + w.fp32_flops + w.lora[0] + w.attn_flops)
+        / w.tokens,
         model_flops_per_token=w.model_flops,
         mfu=mfu,
         bound=bound,

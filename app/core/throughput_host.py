@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 # gradient checkpointing runs Python pack/unpack hooks per saved tensor on top of the recomputation.
 _HOST_OPS_PER_LAYER = 40
 _HOST_OPS_EAGER = 15
-_HOST_OPS_PER_NORM = 7  # RMSNorm: to(fp32), pow, mean, add, rsqrt, mul, to, mul (weight)
+# Extra RMSNorms, per pass, counted with torch's dispatcher on the real modules (CPU, transformers 5.24,
+# LoRA q/v + non-reentrant checkpointing, 4- minus 2-layer models): a Qwen3 layer dispatches 78 more
+# aten ops than a Llama layer for its two q/k norms (~10 per norm and pass: to(fp32), pow, mean, add,
+# rsqrt, mul, to, mul and their backward), a Gemma-3 layer 209 more for its four (two sandwich norms
+# and q/k norms: ~12 each, Gemma's `* (1 + weight.float())` adds a cast and an add); 130 more without
+# checkpointing. Each pass here is one of forward, recompute and backward (counted twice).
+_HOST_OPS_PER_NORM = 10
+_HOST_OPS_PER_NORM_GEMMA = 12
 # MoE layer (transformers 5 integrations/moe.py grouped_mm_experts_forward and the top-k router): router
 # linear, softmax, topk, renormalize, cast; sort, gather, histc, cumsum, two grouped GEMMs, gate,
 # routing-weight mul, un-permute (empty_like, arange, index_put, index), sum, cast: a fixed count for any
@@ -39,10 +46,10 @@ def host_kernels(arch: Architecture, setup: TrainingSetup, targets: frozenset[st
     layers = arch.num_layers
     n_lin, n_lora = len(arch.linears), len(targets)
     base_ops = _HOST_OPS_PER_LAYER + (_HOST_OPS_EAGER if setup.attention == "eager" else 0)
-    # extra norms: Gemma's pre/post norms, and Qwen3/Gemma 3 RMSNorms on q and k (per head): counted
-    # on the real modules, a Qwen3 layer dispatches 78 more ops than a Llama layer under LoRA + checkpointing
+    # extra norms: Gemma's pre/post norms, and Qwen3/Gemma 3 RMSNorms on q and k (per head)
     extra = max(arch.norms_per_layer - 2, 0) + (2 if arch.qk_norm else 0)
-    base_ops += _HOST_OPS_PER_NORM * extra + (3 if arch.attn_logit_softcapping else 0)
+    norm_ops = _HOST_OPS_PER_NORM_GEMMA if arch.norms_per_layer > 2 else _HOST_OPS_PER_NORM
+    base_ops += norm_ops * extra + (3 if arch.attn_logit_softcapping else 0)
     # per pass (forward, backward, recompute): a peft LoRA wrapper and a bnb Linear4bit are Python
     # modules/autograd functions whose per-call host cost is fitted (in op equivalents)
     wrapper_ops = n_lora * c.host_ops_lora + (n_lin * c.host_ops_qlora_linear if qlora else 0.0)

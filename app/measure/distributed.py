@@ -1,8 +1,9 @@
-"""FSDP runs on several GPUs of one host: torchrun starts one process per GPU; rank 0 writes the line.
+"""FSDP and DDP runs on several GPUs of one host: torchrun starts one process per GPU; rank 0 writes the line.
 
 Each rank loads the whole checkpoint onto its GPU with from_pretrained (as a plain script does), applies
-the same training setup, then shards every decoder layer and the root with FSDP2 `fully_shard`; each rank
-trains on its own micro-batch of batch_size sequences.
+the same training setup, then shards every decoder layer and the root with FSDP2 `fully_shard` (fsdp) or
+wraps the model in DistributedDataParallel with its defaults (ddp); each rank trains on its own
+micro-batch of batch_size sequences.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class FsdpHooks(Hooks):
         return model
 
 
+class DdpHooks(FsdpHooks):
+    """Start the process group; wrap the model in DistributedDataParallel (25 MiB buckets, the default)."""
+
+    def wrap(self, model: Any) -> Any:
+        """DistributedDataParallel over the rank's device, as a plain DDP script builds it."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point under torchrun: `python -m torch.distributed.run ... -m app.measure.distributed JOB`."""
     args = sys.argv[1:] if argv is None else argv
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     spec = spec_from_fields(job["spec"])
-    hooks = FsdpHooks(job["use_cuda"])
+    hooks = (DdpHooks if spec.parallelism == "ddp" else FsdpHooks)(job["use_cuda"])
     line = run_one(spec, Path(job["ckpt"]), job["use_cuda"], job["meta"], index=local, hooks=hooks)
     line["rank"] = rank
     lines: list[Any] = [None] * int(os.environ["WORLD_SIZE"])

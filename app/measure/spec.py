@@ -90,9 +90,9 @@ def validate(spec: RunSpec) -> RunSpec:
     _check(len(spec.lora_targets) >= 1, "lora_targets", "must name at least one module or all-linear")
     _check(spec.num_gpus >= 1, "num_gpus", "must be >= 1")
     _check(
-        spec.num_gpus == 1 or spec.parallelism == "fsdp",
+        spec.num_gpus == 1 or spec.parallelism in ("fsdp", "ddp"),
         "parallelism",
-        "this harness runs one GPU, or several with fsdp (torchrun)",
+        "this harness runs one GPU, or several with fsdp or ddp (torchrun)",
     )
     _check(spec.method != "qlora" or spec.precision in ("bf16", "amp_bf16", "fp16", "amp_fp16"),
            "precision", "qlora needs a 16-bit compute dtype")
