@@ -75,11 +75,11 @@ class Calibration:
 # constant: its host ops are counted (_HOST_OPS_MOE_*) and host_ops_per_expert is a prior (one op per mm
 # of the fp32 fallback). Single-GPU constants are fitted on the single-GPU runs, then the three
 # multi-GPU ones on batch d with those held.
-# Accuracy: median |error| 5.4%, 66 of 78 single-GPU runs within 15%; beyond 24% c-large-001 (+34%: the
-# same setup profiled at 504 ms against the harness's 646, the model 482), c-large-007 (MoE full
-# fine-tuning, +30%) and e-gemma3-mixtral-fp16-006 (Gemma-3-4B LoRA, +29%); two-GPU runs within 7%
-# (tests/core/test_throughput_calibration.py, which also states the step-spread rule for noisy runs and
-# the host-time spread measured between processes).
+# Accuracy: median |error| 5.4%, 70 of 85 single-GPU runs within 15% (batch g's repeats included);
+# beyond 24% c-large-001 and e-gemma3-mixtral-fp16-006 (+34%, +29%: their repeats g-005/g-003 ran 46% and
+# 27% faster, -8.5% and +1.4% from the model) and MoE full fine-tuning (c-large-007 +30%, its repeat
+# g-007 +27%); two-GPU runs within 14% (tests/core/test_throughput_calibration.py, which also states the
+# step-spread rule for noisy runs and the host-time spread measured between processes).
 CALIBRATION = Calibration(
     # Measured, not fitted (torch.profiler, data/calibration/profiles/, scripts/profile_step.py): the
     # 16-bit GEMM kernels (nvjet/cuBLAS) of 19 dense profiled steps ran at 665-882 TFLOP/s, median 821 =
@@ -137,7 +137,7 @@ CALIBRATION = Calibration(
         "78 single-GPU H200 runs (Llama-3.2-1B/3B, Llama-3.1-8B, Mistral-7B, Qwen2.5-0.5B/1.5B/14B, "
         "Gemma-2-2B, Gemma-3-1B/4B, Phi-3-mini, Qwen3-30B-A3B cut to 8 layers, Mixtral-8x7B cut to 4; "
         "full/LoRA/QLoRA; bf16/fp16/amp) and torch.profiler traces of 38 steps (data/calibration/profiles); "
-        "checked, not fitted: h200-f-ddp-2gpu (3 two-GPU DDP runs)"
+        "checked, not fitted: h200-f-ddp-2gpu (3 two-GPU DDP runs), h200-g-repeats (7 repeated setups)"
     ),
 )
 

@@ -1,23 +1,23 @@
 """Predicted training tokens/s against every measured H200 run of data/calibration/h200-*.jsonl.
 
-Target: within 15%. Reached on the median (5.4%) and on 66 of 78 single-GPU runs. The GPU-side rates
+Target: within 15%. Reached on the median (5.4%) and on 70 of 85 single-GPU runs. The GPU-side rates
 (GEMM, attention, fp32, optimizer, dequantization, elementwise, LoRA GEMMs) are measured with
-torch.profiler (data/calibration/profiles/), the host constants fitted. Noise rule (data-based, no run
-ids): a run whose own measured steps span the predicted step time (min step <= predicted <= max step)
-cannot refute the prediction, so it is reported but held only to WORST; today b-030 and e-001.
-Host-bound runs also move between processes by more than 15%: the a-016 setup (Llama-3.2-1B LoRA b1)
-took 46.1 ms (a-016), 56.7 ms (e-012) and 58.6-69.6 ms in five profiled repeats; Mistral-7B LoRA
-(c-006) 206 ms in the harness and 288 ms profiled; Llama-3.1-8B QLoRA (c-001) 646 ms in the harness
-and 504 ms profiled (the model: 482); Gemma-3-1B LoRA 4x1024 236 and 351 ms in two profiled processes.
-Beyond 15% and outside their spread: a-006, b-022, c-006, e-010 (host-bound, that spread); b-009 (Phi-3
-LoRA on the fused qkv_proj, GPU-bound: its elementwise kernels take 2.8x a Llama layer's per element in
-the profile, which the fit does not carry over to its full and QLoRA twins); e-004 (Gemma-3-1B LoRA
-1x4096, +22%) and e-013 (Mixtral LoRA, +18%: 57 ms of kernels for 54 predicted, its grouped GEMM at
-658 TFLOP/s); and, held to their own bounds, c-001 (+34%, the profiled twin above), c-007 (MoE full
-fine-tuning, +30%: the optimizer is measured now, but its backward's host time is 1.4x its LoRA twin's
-for fewer kernels) and e-006 (Gemma-3-4B LoRA all-linear r32, +29%, host-bound at 45 us per launch
-against 26-40 elsewhere). The bounds below are what the model achieves, so a regression fails the test.
-Table: `.venv/bin/python scripts/fit_throughput.py`.
+torch.profiler (data/calibration/profiles/), the host constants fitted (batches a-c, e; f and g are
+checked only). Noise rule (data-based, no run ids): a run whose own measured steps span the predicted
+step time (min step <= predicted <= max step) cannot refute the prediction, so it is reported but held
+only to WORST; today b-030, e-001 and g-004. Host-bound steps also move between processes: batch g
+repeated seven setups in the harness, and c-001 (Llama-3.1-8B QLoRA) came out 3,169 then 4,642 tok/s
+(the model: +34% then -8.5%), e-006 (Gemma-3-4B LoRA all-linear r32) 3,026 then 3,834 (+28.5% then
++1.4%), while a-006, b-020, c-002, c-006 and c-007 repeated within 2-4%; the a-016 setup took 46.1 ms
+(a-016), 56.7 ms (e-012) and 58.6-69.6 ms in five profiled repeats. Beyond 15% and outside their
+spread, reproducible misses: a-006/g-002 (Llama-3.2-1B full b1, host-bound, -17%: faster than its
+op count says), c-006 (Mistral-7B LoRA, -18%; in one profiled process it took as long as Llama-3.1-8B's),
+c-007/g-007 (MoE full fine-tuning, +27-30%: the optimizer is measured now, but its backward's host time
+is 1.4x its LoRA twin's for fewer kernels), b-009 (Phi-3 LoRA on the fused qkv_proj, GPU-bound: its
+elementwise kernels take 2.8x a Llama layer's per element, which the fit does not carry over to its
+full and QLoRA twins), e-013 (Mixtral LoRA, +18%: 57 ms of kernels for 54 predicted), e-004 (Gemma-3-1B
+LoRA 1x4096, +22%); and single-process outliers b-022, e-010 and the two above. The bounds below are what
+the model achieves, so a regression fails the test. Table: `.venv/bin/python scripts/fit_throughput.py`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from tests.core.catalog_values import H200
 from tests.core.helpers import ROOT
 
 TARGET = 0.15
-SHARE_WITHIN_TARGET = 0.84  # 66 of 78
+SHARE_WITHIN_TARGET = 0.82  # 70 of 85
 MEDIAN = 0.055
 WORST = 0.24
 UNEXPLAINED = {  # runs the model misses (or a process's host speed moved), each with its own bound
     "c-large-001": 0.35,
     "c-large-007": 0.31,
     "e-gemma3-mixtral-fp16-006": 0.30,
+    "g-repeats-007": 0.28,
 }
 WORST_MULTI_GPU = 0.15  # 4 FSDP2 runs within 7% (3 constants fitted on them); 3 DDP, unfitted, 14%
 
@@ -92,7 +93,7 @@ def test_tokens_per_s_against_the_h200_runs() -> None:
     assert len(missed) <= MODEL_MISSES, f"beyond {TARGET:.0%} and outside their step spread: {missed}"
 
 
-MODEL_MISSES = 10  # the ten listed in the module docstring
+MODEL_MISSES = 12  # the twelve named in the module docstring
 
 
 def _within_own_steps(rec: dict) -> bool:
