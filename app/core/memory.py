@@ -85,6 +85,7 @@ class _Static:
     logits: act.LogitsBytes
 
 
+@lru_cache(maxsize=4096)  # replace() re-validates the setup: a fifth of a warm estimate
 def _shape_key(setup: TrainingSetup) -> TrainingSetup:
     return replace(setup, batch_size=1, seq_len=1, num_gpus=1, parallelism="ddp")
 
@@ -278,8 +279,8 @@ def estimate_memory(
     )
     if dtypes.autocast and not accel_mp:
         _autocast_copies(arch, setup, phases, shard=n if shard_params else 1)
-    fsdp = _fsdp_terms(arch, setup, weight_groups, grads * n if shard_grads else grads, g_size)
     if shard_params:
+        fsdp = _fsdp_terms(arch, setup, weight_groups, grads * n if shard_grads else grads, g_size)
         # FSDP2 (`fully_shard` per decoder layer, then the root, as the harness's distributed.py does):
         # during forward and backward a layer's parameters are unsharded, with the next one prefetched,
         # the root's own parameters (embedding, final norm, lm_head) stay unsharded from the forward to

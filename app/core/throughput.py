@@ -19,6 +19,7 @@ scripts/fit_throughput.py); other GPUs are scaled by their tensor rate and bandw
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from app.core.activations import dtypes_for, lora_target_names, masked_sliding, sdpa_math
 from app.core.architecture import Architecture
@@ -235,6 +236,7 @@ def matmul_tflops(gpu: GpuSpec) -> float:
     return gpu.tensor_tflops * _SPEC_TO_MEASURED[gpu.consumer]
 
 
+@lru_cache(maxsize=4096)  # GPU-independent: a ranking asks for it once per setup, not per card
 def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibration | None = None) -> _Work:
     """FLOPs, bytes and kernels of one micro-step on one GPU, from the architecture and the setup."""
     c = cal or CALIBRATION
