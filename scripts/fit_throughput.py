@@ -83,8 +83,8 @@ def loss(recs: list[dict[str, Any]], gpu: GpuSpec, cal: Calibration) -> float:
 # optimizer's traffic constants on these runs. host_ops_per_expert stays at its prior (one op per
 # per-expert mm of the fp32 grouped-GEMM fallback): the only run using it (c-large-009) spends that loop
 # GPU-bound, so it cannot identify it.
-# matmul_eff, attn_eff, fp32_eff, adamw_passes, lora_io_bytes, elementwise_passes and dequant_bytes are
-# measured in the torch.profiler runs
+# matmul_eff, attn_eff, fp32_eff, adamw_passes, lora_io_bytes, elementwise_passes, dequant_bytes,
+# fused_slice_passes and grouped_mm_eff are measured in the torch.profiler runs
 # (data/calibration/profiles/) and held, so that host and elementwise constants cannot trade against them.
 FITTED = (
     "host_s_per_kernel",
@@ -103,7 +103,6 @@ FITTED = (
     "host_ops_shard_per_layer",
     "score_bytes_eager",
     "score_bytes_math",
-    "fused_slice_passes",
 )
 # Physical bounds: a fit may not trade one mechanism for another beyond what the hardware allows.
 BOUNDS = {

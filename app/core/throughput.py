@@ -58,29 +58,31 @@ class Calibration:
     score_bytes_eager: float  # HBM bytes per attention score of eager attention, fwd+bwd
     score_bytes_math: float  # the same for SDPA's math kernel (fp32 inputs with grouped k/v heads)
     elementwise_passes: float  # elementwise HBM passes over (hidden + MLP width) per token, layer and pass
-    fused_slice_passes: float  # extra passes over fused qkv/gate_up outputs (strided slices, their grads)
+    fused_slice_passes: float  # passes over fused qkv/gate_up outputs (strided slices, their grads)
     lora_io_bytes: float  # HBM bytes per adapter in+out feature per token and pass of peft's fp32 GEMMs
+    grouped_mm_eff: float  # share of the 16-bit GEMM rate torch's CUTLASS grouped GEMM (MoE experts) reaches
     fitted_on: str  # which runs fixed these numbers
 
 
 # Two kinds of constants. Measured (held by the fit): the GEMM, attention and fp32 rates, the optimizer's
-# and dequantization's traffic, the elementwise passes and peft's adapter GEMMs, read off torch.profiler
+# and dequantization's traffic, the elementwise and fused-slice passes, peft's adapter GEMMs and the MoE
+# grouped GEMM's rate, read off torch.profiler
 # traces of 38 training steps (scripts/profile_step.py; data/calibration/profiles/). Fitted by
 # scripts/fit_throughput.py --fit (Nelder-Mead in log space, squared log errors plus a weight on the
 # worst run, each error capped at 25% so that a run missing a mechanism does not bend every constant) on
 # every single-GPU H200 run of data/calibration/h200-{a,b,c,e}-*.jsonl: host cost per op, checkpointing
-# and wrapper hooks, logits/loss, 8-bit/Adafactor traffic, eager/math score bytes, fused slices. The
+# and wrapper hooks, logits/loss, 8-bit/Adafactor traffic, eager/math score bytes. The
 # profiles showed why the earlier all-fitted constants fitted for the wrong reasons: GEMMs ran 1.5x
 # faster than fitted (821 vs 546 TFLOP/s), elementwise kernels took ~2x the fitted bytes, and NF4
 # dequantization 4 rather than 17.5 bytes per parameter (the rest was host time). MoE needs no fitted
-# constant: its host ops are counted (_HOST_OPS_MOE_*) and host_ops_per_expert is a prior (one op per mm
-# of the fp32 fallback). Single-GPU constants are fitted on the single-GPU runs, then the three
-# multi-GPU ones on batch d with those held.
-# Accuracy: median |error| 5.4%, 70 of 85 single-GPU runs within 15% (batch g's repeats included);
-# beyond 24% c-large-001 and e-gemma3-mixtral-fp16-006 (+34%, +29%: their repeats g-005/g-003 ran 46% and
-# 27% faster, -8.5% and +1.4% from the model) and MoE full fine-tuning (c-large-007 +30%, its repeat
-# g-007 +27%); two-GPU runs within 14% (tests/core/test_throughput_calibration.py, which also states the
-# step-spread rule for noisy runs and the host-time spread measured between processes).
+# constant: its host ops are counted (_HOST_OPS_MOE_*; full fine-tuning's backward cost measured) and
+# host_ops_per_expert is a prior (one op per mm of the fp32 fallback). Single-GPU constants are fitted on
+# the single-GPU runs, then the three multi-GPU ones on batch d with those held.
+# Accuracy: median |error| 5.0%, 74 of 85 single-GPU runs within 15% (batch g's repeats included);
+# beyond 24% only c-large-001 and e-gemma3-mixtral-fp16-006 (+34%, +28%: their repeats g-005/g-003 ran 46%
+# and 27% faster, -8.5% and +1.4% from the model); two-GPU runs within 14%
+# (tests/core/test_throughput_calibration.py, which also states the step-spread rule for noisy runs, the
+# host-time spread measured between processes, and the misses left).
 CALIBRATION = Calibration(
     # Measured, not fitted (torch.profiler, data/calibration/profiles/, scripts/profile_step.py): the
     # 16-bit GEMM kernels (nvjet/cuBLAS) of 19 dense profiled steps ran at 665-882 TFLOP/s, median 821 =
@@ -126,12 +128,23 @@ CALIBRATION = Calibration(
     # 19-26 passes for dense layers (Llama-3.2-1B, Llama-3.1-8B, Mistral-7B, Gemma-3-1B; Qwen2.5-14B
     # 30.6), with the logits/loss and LoRA-cast terms at their own values: held at 22.
     elementwise_passes=22.0,
-    fused_slice_passes=1.05,
+    # Measured: Phi-3's non-GEMM kernel time (copies, elementwise, reductions, loss) was 68.3 ms in its
+    # full 2x1024 step (f-profile-013) and 163.7 / 164.0 ms in its LoRA qkv_proj 4x1024 step
+    # (f-profile-012, i-profile-stalls-009), against 38.9 and 95.4 ms from every other stream term: 33.6
+    # and 39.2 passes over the fused qkv + gate_up widths; held at their mean (the fit had given 1.05,
+    # held down by the host-bound full and QLoRA twins, and missed b-architectures-009 by +19%).
+    fused_slice_passes=36.0,
     # peft's rank-r fp32 adapter GEMMs are bound by reading and writing their fp32 in/out features, not
     # by FLOPs: their kernels took 1.4-20.7 ms in the LoRA profiles, 11-15 bytes per (in + out) feature
     # per token and pass at bandwidth_eff (Mistral 11.8, Qwen2.5-14B 12.4, Llama-3.2-1B 11.2, Mixtral
     # 12.3, Gemma-3 14.8; Phi-3's fused qkv 8.4); FLOPs at the fp32 rate would give a third of that.
     lora_io_bytes=12.0,
+    # torch's sm90 CUTLASS grouped GEMM (bf16 MoE experts) is slower than the nvjet dense GEMMs: Mixtral's
+    # 24 expert GEMMs of a LoRA 2x1024 step (512 routed tokens per expert) took 26.27 / 26.21 / 26.59 ms
+    # for 1.73e13 FLOPs (g-profile-009, h-profile-nvml-003, i-profile-stalls-006): 659 TFLOP/s, 0.80 x the
+    # 821 of the dense GEMMs. Qwen3-MoE's (64 routed tokens per expert) are bound by streaming its experts'
+    # weights (48 kernels, 7.27 ms for 3 passes over 9.7 GB, f-profile-011), which the roofline keeps.
+    grouped_mm_eff=0.80,
     fitted_on=(
         "h200-d-fsdp-2gpu (4 two-GPU FSDP2 runs) and "
         "h200-a-llama-3.2-1b-sweeps, h200-b-architectures, h200-c-large, h200-e-gemma3-mixtral-fp16: "
@@ -213,6 +226,7 @@ class _Work:
     experts: tuple[float, float, bool, bool] = (0.0, 0.0, False, False)
     head_segment: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     lora: tuple[float, float] = (0.0, 0.0)  # peft's fp32 adapter GEMMs: FLOPs, HBM bytes
+    expert_pass_flops: float = 0.0  # 16-bit MoE expert GEMM FLOPs inside each entry of gemm_flops
 
 
 def fp32_tflops(gpu: GpuSpec) -> float:
@@ -347,7 +361,7 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         # Every op after a fused projection reads a strided slice of its output (q/k/v, gate/up chunks),
         # which runs PyTorch's non-vectorized elementwise kernel; Phi-3's profiles (f-profile-012/013)
         # spent 2.8-3.3x a Llama layer's elementwise time per element, in those kernels and the cat/fill
-        # of the slices' gradients (fitted: calibration.fused_slice_passes over the fused widths).
+        # of the slices' gradients (measured: calibration.fused_slice_passes over the fused widths).
         fused_w = (arch.q_width + 2 * arch.num_kv_heads * arch.head_dim if arch.fused_qkv else 0) + (
             2 * arch.intermediate_size if arch.fused_gate_up else 0
         )
@@ -413,6 +427,7 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         experts=experts,
         head_segment=head_segment,
         lora=(lora_flops, lora_bytes),
+        expert_pass_flops=0.0 if experts_fp32 else 2.0 * experts_active * t,
     )
 
 
@@ -474,8 +489,14 @@ def estimate_throughput(
     f32_rate = fp32_tflops(gpu) * 1e12 * c.fp32_eff
     bw = gpu.bandwidth_bytes_per_s * c.bandwidth_eff
 
-    gemm = sum(max(fl / mm_rate, wb / bw) for fl, wb in w.gemm_flops)
-    gemm_memory_bound = sum(wb / bw for fl, wb in w.gemm_flops if wb / bw > fl / mm_rate)
+    # bf16 MoE experts on torch's CUTLASS grouped GEMM (sm90/sm100) run at calibration.grouped_mm_eff of
+    # the dense rate; in each pass the GEMMs still cannot beat streaming their weights (the roofline).
+    experts_bf16 = w.experts[3]
+    grouped_extra = 0.0
+    if w.expert_pass_flops and experts_bf16 and _grouped_gemm_kernel(gpu):
+        grouped_extra = w.expert_pass_flops / mm_rate * (1.0 / c.grouped_mm_eff - 1.0)
+    gemm = sum(max(fl / mm_rate + grouped_extra, wb / bw) for fl, wb in w.gemm_flops)
+    gemm_memory_bound = sum(wb / bw for fl, wb in w.gemm_flops if wb / bw > fl / mm_rate + grouped_extra)
     fp32 = w.fp32_flops / f32_rate + max(w.lora[0] / f32_rate, w.lora[1] / bw)
     # Materialized fp32 scores are cuBLAS batched SGEMMs (head_dim 64-256: compute-bound at the fp32
     # rate); in 16-bit the same GEMMs are bound by writing the s^2 scores, which attn_eff absorbs.

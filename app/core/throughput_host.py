@@ -36,6 +36,14 @@ _HOST_OPS_PER_NORM_GEMMA = 12
 # than a dense Qwen3 layer, whose three MLP projections are in `linears` while experts are not (+3 each).
 _HOST_OPS_MOE_FWD = 25
 _HOST_OPS_MOE_BWD = 37
+# Full fine-tuning of fused 3-D experts: backward's host time per MoE layer rises by ~3.4 ms in the
+# profiler's process without more launches (Qwen3-MoE 1x1024: 2,178 kernels in 93.0 ms and 2,348 in 88.2 ms
+# against its LoRA twin's 2,324 in 62.3 and 2,477 in 64.1, f-profile-010/011, i-profile-stalls-007/008:
+# 4.3 and 3.4 ms per layer beyond the twin's time per launch; Mixtral 847 in 35.2 ms against 1,008 in 27.5,
+# g-profile-010/009: 3.0 ms), independent of the experts' count and size (128 x 768 vs 8 x 14336). The
+# LoRA twins' host time runs 0.85 x faster in the harness than in the profiler's process (c-large-008 and
+# e-013 against those profiles), so 3.4 x 0.85 = 2.9 ms = 165 op equivalents at host_s_per_kernel.
+_HOST_OPS_MOE_FULL_BWD = 165
 HOST_OPS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll, grads
 
 
@@ -62,6 +70,7 @@ def host_kernels(arch: Architecture, setup: TrainingSetup, targets: frozenset[st
     n_wrap = n_lora + (n_lin if qlora else 0)
     gc_ops = (fwd_ops + c.host_ops_gc_per_layer + n_wrap * c.host_ops_gc_per_wrapper) if gc else 0.0
     moe_ops = _HOST_OPS_MOE_FWD * (1 + (1 if gc else 0)) + _HOST_OPS_MOE_BWD
+    moe_ops += _HOST_OPS_MOE_FULL_BWD if full else 0
     kernels = layers * (fwd_ops + bwd_ops + gc_ops) + arch.num_moe_layers * moe_ops + HOST_OPS_HEAD_AND_LOSS
     kernels += c.host_ops_per_trained_tensor * trained_tensors(arch, setup, targets)
     if setup.num_gpus > 1 and setup.parallelism in ("fsdp", "zero3"):
