@@ -69,6 +69,15 @@ TERM_ORDER = (
     "allocator_fragmentation", "cuda_context", "cuda_kernels_and_handles", "library_workspaces",
 )
 PALETTE_SIZE = 14
+# Where the terms without a fixed colour sit in the bar: next to their kin (ZeRO's fp32 master copy by the
+# weights, its buckets by DDP's), not after everything else.
+PLACE = (
+    "weights", "master_weights", "adapters", "gradients", "optimizer_states", "optimizer_states_paged",
+    "optimizer_step_temporaries", "activations", "logits_and_loss", "qlora_dequant_workspace",
+    "autocast_weight_copies", "gathered_params", "ddp_buckets", "zero_buckets", "nccl_buffers",
+    "moe_load_cache", "cached_full_model_load", "allocator_fragmentation", "cuda_context",
+    "cuda_kernels_and_handles", "library_workspaces",
+)
 
 
 def _colours(names: list[str]) -> dict[str, str]:
@@ -87,7 +96,7 @@ def memory_bar(breakdown_gib: Mapping[str, Any], peak_gib: float, cards: Iterabl
     cards = list(cards)
     top = max([peak_gib, *(g for _, g in cards)]) * 1.06 or 1.0
     scale = 100.0 / top
-    rank = {name: i for i, name in enumerate(TERM_ORDER)}
+    rank = {name: i for i, name in enumerate(PLACE)}
     terms = sorted(((k, float(v)) for k, v in breakdown_gib.items() if v and float(v) > 0),
                    key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
     colours = _colours([k for k, _ in terms])
