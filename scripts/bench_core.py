@@ -21,17 +21,21 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 
-from app.core import fragment, memory, params, throughput, trace  # noqa: E402
+from app.core import fragment, memory, params, throughput, trace, zero  # noqa: E402
 from app.core.architecture import Architecture, parse_config  # noqa: E402
 from app.core.memory import estimate_memory  # noqa: E402
 from app.core.setup import TrainingSetup  # noqa: E402
 
 
 def clear_core_caches() -> None:
-    """Forget every per-process cache of the memory estimate (replays, static terms, loaded weights)."""
+    """Forget every per-process cache of the core (replays, static terms, loaded weights, work)."""
     fragment.fragmentation.cache_clear()
     fragment._weights.cache_clear()
     memory._static.cache_clear()
+    memory._shape_key.cache_clear()
+    memory._single_gpu.cache_clear()
+    zero.zero_terms.cache_clear()
+    zero.engine_setup.cache_clear()
     trace._loaded.cache_clear()
     trace._optimizer_tensors.cache_clear()
     params.param_groups.cache_clear()

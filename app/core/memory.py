@@ -463,6 +463,7 @@ def _fsdp_terms(
     return _Fsdp(max(layer_weights, 0), max(layer_grads, 0), head * root_elem * (n - 1) // n)
 
 
+@lru_cache(maxsize=4096)
 def _single_gpu(setup: TrainingSetup) -> TrainingSetup:
     if setup.num_gpus == 1 or setup.parallelism == "fsdp":  # FSDP2 is replayed sharded (trace.py)
         return setup

@@ -10,6 +10,7 @@ stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold =
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from app.core.allocator import block_size
 from app.core.architecture import Architecture
@@ -31,6 +32,7 @@ def is_zero(setup: TrainingSetup) -> bool:
     return setup.num_gpus > 1 and setup.parallelism in ("zero2", "zero3")
 
 
+@lru_cache(maxsize=1024)
 def engine_setup(setup: TrainingSetup) -> TrainingSetup:
     """The setup as DeepSpeed runs it: `bf16`/`fp16` enabled casts the whole module to 16 bits.
 
@@ -61,6 +63,7 @@ class ZeroTerms:
     gathered: int  # ZeRO-3: all-gathered parameters kept live (reuse distance, prefetch)
 
 
+@lru_cache(maxsize=1024)  # a ranking asks for the same setup once per card
 def zero_terms(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> ZeroTerms:
     """ZeRO-2/3 buffers for `setup` (already passed through engine_setup) over num_gpus ranks."""
     n = setup.num_gpus
