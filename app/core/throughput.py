@@ -152,7 +152,8 @@ CALIBRATION = Calibration(
         "Gemma-2-2B, Gemma-3-1B/4B, Phi-3-mini, Qwen3-30B-A3B cut to 8 layers, Mixtral-8x7B cut to 4; "
         "full/LoRA/QLoRA; bf16/fp16/amp) and torch.profiler traces of 38 steps (data/calibration/profiles); "
         "checked, not fitted: h200-f-ddp-2gpu (3 two-GPU DDP runs), h200-g-repeats (7 repeated setups), "
-        "h200-h-repeats (4 repeated setups and a bf16 twin)"
+        "h200-h-repeats (4 repeated setups and a bf16 twin), "
+        "h200-i-fit-limit (2 runs at 126/139 GiB of the H200 and one out of memory)"
     ),
 )
 
