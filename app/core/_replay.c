@@ -1,7 +1,7 @@
 /* The allocator replay of trace.py/allocsim.py in C: the same operations in the same order, so the
- * same (peak allocated, peak reserved) bytes, 20-50x faster.  trace.py checks every input fits in
- * 64-bit arithmetic and falls back to the Python replay otherwise (and when this module is not
- * built); tests/core/test_replay_c.py compares the two on every calibration run and random plans.
+ * same (peak allocated, peak reserved) bytes, 20-50x faster.  A plan with a tensor over 1 TiB returns
+ * None (64-bit sums) and trace.py replays it in Python, as it does when this module is not built;
+ * tests/core/test_replay_c.py compares the two on every calibration run and random plans.
  *
  * Allocator rules (c10/cuda/CUDACachingAllocator.cpp, see allocsim.py): round up to 512 bytes;
  * requests <= 1 MiB come from a small pool counted in whole 2 MiB segments; larger ones take the
