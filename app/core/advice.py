@@ -100,7 +100,21 @@ def general_notices(
 ) -> tuple[Notice, ...]:
     """The article's two habits: the peak comes at the first step; test 100 steps before a long run."""
     peak = mem.peak_bytes / GIB
+    fp16: tuple[Notice, ...] = ()
+    if setup.method == "full" and setup.precision == "fp16":
+        # Measured: e-gemma3-mixtral-fp16-008 (Llama-3.2-1B, fp16 weights and AdamW states, no scaler)
+        # had NaN losses from its second step; HF Trainer's fp16=True refuses fp16 parameters outright
+        # ("Attempting to unscale FP16 gradients").
+        fp16 = (
+            Notice(
+                "fp16_full_diverges",
+                "Pure fp16 full fine-tuning (fp16 weights and optimizer states, no loss scaler) diverges: "
+                "a measured Llama-3.2-1B run had NaN losses from its second step. Use amp_fp16 (fp32 "
+                "weights with a GradScaler, HF Trainer's fp16=True) or bf16 where the card has it.",
+            ),
+        )
     return (
+        *fp16,
         Notice(
             "peak_at_first_step",
             f"nvidia-smi shows about {load_gib:,.1f} GiB after loading the model; the peak of "

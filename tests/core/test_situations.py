@@ -187,3 +187,12 @@ def test_whole_estimate_with_ranking_stays_fast() -> None:
 def test_empty_catalog_still_answers() -> None:
     r = estimate(config=config("llama-3.2-1b"))
     assert r.recommendation.gpu is None and not r.recommendation.fits and r.memory.peak_gib > 0
+
+
+def test_pure_fp16_full_fine_tuning_is_warned() -> None:
+    """A measured pure-fp16 AdamW run went NaN at its second step: the answer says so; amp_fp16 is fine."""
+    fp16 = run("llama-3.2-1b", method="full", precision="fp16", gpu=seed_gpu("t4"), seq_len=512)
+    amp = run("llama-3.2-1b", method="full", precision="amp_fp16", gpu=seed_gpu("t4"), seq_len=512)
+    lora = run("llama-3.2-1b", method="lora", precision="fp16", gpu=seed_gpu("t4"), seq_len=512)
+    assert "fp16_full_diverges" in {w.code for w in fp16.warnings}
+    assert "fp16_full_diverges" not in {w.code for w in amp.warnings} | {w.code for w in lora.warnings}
