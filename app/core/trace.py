@@ -71,16 +71,14 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """The replay in Python (the reference the C replay is tested against)."""
     sim = _loaded(plan.weights, plan.adapters, plan.shards).copy(keep_live=False)
     tr = _Tracer(sim, plan.shards)
-    n = plan.shards
+    states, step_temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
     for step in range(steps):
         grads = _forward_backward(plan, tr)
         if step == 0:  # optimizer states are created lazily inside the first step()
-            for rows, cols in plan.opt_params:
-                for nbytes in param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[0]:
-                    sim.new(nbytes)
+            for nbytes in states:
+                sim.new(nbytes)
         temps = []
-        for rows, cols in plan.opt_params:
-            temp = param_state_tensors(plan.optimizer, -(-rows // n), cols, plan.grad_size)[2]
+        for temp in step_temps:
             if temp and plan.optimizer == "adafactor":  # single-tensor loop: one at a time
                 sim.free(sim.new(temp))
             elif temp:  # foreach AdamW: `_foreach_sqrt(exp_avg_sqs)` for every parameter at once
@@ -95,7 +93,7 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
 def _optimizer_tensors(
     opt_params: tuple[Shape, ...], optimizer: str, shards: int, grad_size: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(every state tensor in creation order, each parameter's step temporary) for the C replay."""
+    """(every state tensor in creation order, each parameter's step temporary), for both replays."""
     states: list[int] = []
     temps: list[int] = []
     for rows, cols in opt_params:
