@@ -300,6 +300,45 @@ static void sim_release(Sim *s) {
     free(s->live_size);
 }
 
+/* A deep copy of `src` into the zeroed `dst` (the loaded-model snapshot each replay starts from);
+ * -1 when out of memory (dst is then released). */
+static int sim_clone(Sim *dst, const Sim *src) {
+    *dst = *src;
+    dst->blocks = NULL;
+    dst->spare_ids = NULL;
+    dst->live_block = NULL;
+    dst->live_size = NULL;
+    memset(dst->bin, 0, sizeof(dst->bin));
+    int fail = 0;
+    dst->cap_blocks = src->n_blocks > 0 ? src->n_blocks : 1;
+    dst->blocks = (Block *)malloc((size_t)dst->cap_blocks * sizeof(Block));
+    dst->cap_spare = src->n_spare > 0 ? src->n_spare : 1;
+    dst->spare_ids = (int32_t *)malloc((size_t)dst->cap_spare * sizeof(int32_t));
+    int64_t cap_live = src->cap_live > 0 ? src->cap_live : 1;
+    dst->live_block = (int32_t *)malloc((size_t)cap_live * sizeof(int32_t));
+    dst->live_size = (int64_t *)malloc((size_t)cap_live * sizeof(int64_t));
+    fail = !dst->blocks || !dst->spare_ids || !dst->live_block || !dst->live_size;
+    for (int b = 0; b < NBINS && !fail; b++) {
+        dst->bin_cap[b] = src->bin_n[b];
+        if (!src->bin_n[b]) continue;
+        dst->bin[b] = (int32_t *)malloc((size_t)src->bin_n[b] * sizeof(int32_t));
+        if (!dst->bin[b]) fail = 1;
+        else memcpy(dst->bin[b], src->bin[b], (size_t)src->bin_n[b] * sizeof(int32_t));
+    }
+    if (fail) {
+        sim_release(dst);
+        return -1;
+    }
+    if (src->n_blocks) memcpy(dst->blocks, src->blocks, (size_t)src->n_blocks * sizeof(Block));
+    if (src->n_spare) memcpy(dst->spare_ids, src->spare_ids, (size_t)src->n_spare * sizeof(int32_t));
+    if (src->cap_live) {
+        memcpy(dst->live_block, src->live_block, (size_t)src->cap_live * sizeof(int32_t));
+        memcpy(dst->live_size, src->live_size, (size_t)src->cap_live * sizeof(int64_t));
+    }
+    dst->cap_live = src->cap_live;
+    return 0;
+}
+
 /* ---- the plan, as int64 arrays ---- */
 
 typedef struct {
@@ -542,20 +581,26 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     }
 }
 
-static void run(const Plan *p, int64_t steps, Tracer *t) {
-    Sim *sim = &t->sim;
-    Vec loaded = {0, 0, NULL}, grads = {0, 0, NULL}, temps = {0, 0, NULL};
-    Lists l;
-    memset(&l, 0, sizeof(l));
-    /* trace._loaded: from_pretrained, get_peft_model, and FSDP2's swap of each weight for its shard */
-    for (int64_t i = 0; i < p->weights.n; i++) vec_push(&loaded, sim_new(sim, p->weights.v[i]), &t->err);
-    for (int64_t i = 0; i < p->adapters.n; i++) sim_new(sim, p->adapters.v[i]);
-    if (p->shards > 1) {
-        for (int64_t i = 0; i < p->weights.n && !ERR(t); i++) {
-            sim_new(sim, ceil_div(p->weights.v[i], p->shards));
+/* trace._loaded: from_pretrained, get_peft_model, and FSDP2's swap of each weight for its shard */
+static void load(Sim *sim, const Arr *weights, const Arr *adapters, int64_t shards) {
+    Vec loaded = {0, 0, NULL};
+    for (int64_t i = 0; i < weights->n; i++) vec_push(&loaded, sim_new(sim, weights->v[i]), &sim->err);
+    for (int64_t i = 0; i < adapters->n; i++) sim_new(sim, adapters->v[i]);
+    if (shards > 1) {
+        for (int64_t i = 0; i < weights->n && !sim->err; i++) {
+            sim_new(sim, ceil_div(weights->v[i], shards));
             sim_free(sim, loaded.d[i]);
         }
     }
+    free(loaded.d);
+}
+
+/* The training steps, from the loaded state in t->sim. */
+static void run(const Plan *p, int64_t steps, Tracer *t) {
+    Sim *sim = &t->sim;
+    Vec grads = {0, 0, NULL}, temps = {0, 0, NULL};
+    Lists l;
+    memset(&l, 0, sizeof(l));
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
         forward_backward(p, t, &l, &grads);
         if (ERR(t)) break;
@@ -571,7 +616,6 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
         free_all(sim, temps.d, temps.d_len);
         free_all(sim, grads.d, grads.d_len);
     }
-    free(loaded.d);
     free(grads.d);
     free(temps.d);
     lists_release(&l);
@@ -629,72 +673,74 @@ static int parse_ops(PyObject *obj, Plan *p) {
     return 0;
 }
 
-static PyObject *simulate(PyObject *self, PyObject *args) {
-    (void)self;
-    Plan p;
-    memset(&p, 0, sizeof(p));
-    PyObject *weights, *adapters, *ops, *opt_states, *opt_temps, *head_grads, *layer_saved, *layer_transient,
-        *layer_copies, *final_saved, *shared, *layer_weights, *root_weights;
-    long long shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
-        logits_fp32, vocab_fp32, dequant, steps;
-    if (!PyArg_ParseTuple(args, "OOLLOOOLOLLOOOLLLOLLLLOLOOL", &weights, &adapters, &shards, &layers, &ops,
-                          &opt_states, &opt_temps, &adafactor, &head_grads, &embed_grad, &tied, &layer_saved,
-                          &layer_transient, &layer_copies, &head_copy, &cache_copies, &checkpoint,
-                          &final_saved, &hidden, &logits, &logits_fp32, &vocab_fp32, &shared, &dequant,
-                          &layer_weights, &root_weights, &steps)) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+#define OVERFLOWED 1
+
+/* Parse the plan after (weights, adapters, shards) from `args[first:]`: 0, -1 (Python error set),
+ * TOO_BIG or OVERFLOWED (a size past the C replay's range: the caller answers None). */
+static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *steps) {
+    PyObject *rest = PyTuple_GetSlice(args, first, PyTuple_GET_SIZE(args));
+    if (!rest) return -1;
+    PyObject *ops, *opt_states, *opt_temps, *head_grads, *layer_saved, *layer_transient, *layer_copies,
+        *final_saved, *shared, *layer_weights, *root_weights;
+    long long layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
+        logits_fp32, vocab_fp32, dequant;
+    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOL", &layers, &ops, &opt_states, &opt_temps,
+                              &adafactor, &head_grads, &embed_grad, &tied, &layer_saved, &layer_transient,
+                              &layer_copies, &head_copy, &cache_copies, &checkpoint, &final_saved, &hidden,
+                              &logits, &logits_fp32, &vocab_fp32, &shared, &dequant, &layer_weights,
+                              &root_weights, steps);
+    if (!ok) {
+        Py_DECREF(rest);
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
         PyErr_Clear();
-        Py_RETURN_NONE;
+        return OVERFLOWED;
     }
-    p.shards = shards;
-    p.layers = layers;
-    p.adafactor = adafactor;
-    p.embed_grad = embed_grad;
-    p.tied = tied;
-    p.head_copy = head_copy;
-    p.cache_copies = cache_copies;
-    p.checkpoint = checkpoint;
-    p.hidden = hidden;
-    p.logits = logits;
-    p.logits_fp32 = logits_fp32;
-    p.vocab_fp32 = vocab_fp32;
-    p.dequant = dequant;
+    p->layers = layers;
+    p->adafactor = adafactor;
+    p->embed_grad = embed_grad;
+    p->tied = tied;
+    p->head_copy = head_copy;
+    p->cache_copies = cache_copies;
+    p->checkpoint = checkpoint;
+    p->hidden = hidden;
+    p->logits = logits;
+    p->logits_fp32 = logits_fp32;
+    p->vocab_fp32 = vocab_fp32;
+    p->dequant = dequant;
     int rc;
-    if ((rc = to_arr(weights, &p.weights)) || (rc = to_arr(adapters, &p.adapters)) || (rc = parse_ops(ops, &p)) ||
-        (rc = to_arr(opt_states, &p.opt_states)) || (rc = to_arr(opt_temps, &p.opt_temps)) ||
-        (rc = to_arr(head_grads, &p.head_grads)) || (rc = to_arr(layer_saved, &p.layer_saved)) ||
-        (rc = to_arr(layer_transient, &p.layer_transient)) || (rc = to_arr(layer_copies, &p.layer_copies)) ||
-        (rc = to_arr(final_saved, &p.final_saved)) || (rc = to_arr(shared, &p.shared)) ||
-        (rc = to_arr(layer_weights, &p.layer_weights)) || (rc = to_arr(root_weights, &p.root_weights))) {
-        plan_release(&p);
-        if (rc == TOO_BIG) Py_RETURN_NONE;
-        return NULL;
+    if ((rc = parse_ops(ops, p)) || (rc = to_arr(opt_states, &p->opt_states)) ||
+        (rc = to_arr(opt_temps, &p->opt_temps)) || (rc = to_arr(head_grads, &p->head_grads)) ||
+        (rc = to_arr(layer_saved, &p->layer_saved)) || (rc = to_arr(layer_transient, &p->layer_transient)) ||
+        (rc = to_arr(layer_copies, &p->layer_copies)) || (rc = to_arr(final_saved, &p->final_saved)) ||
+        (rc = to_arr(shared, &p->shared)) || (rc = to_arr(layer_weights, &p->layer_weights)) ||
+        (rc = to_arr(root_weights, &p->root_weights))) {
+        Py_DECREF(rest);
+        return rc;
     }
-    int64_t scalars[] = {p.embed_grad, p.tied, p.head_copy, p.hidden, p.logits, p.logits_fp32, p.vocab_fp32,
-                         p.dequant, p.layers, p.shards};
+    Py_DECREF(rest);
+    int64_t scalars[] = {p->embed_grad, p->tied,  p->head_copy, p->hidden, p->logits,
+                         p->logits_fp32, p->vocab_fp32, p->dequant, p->layers};
     for (size_t i = 0; i < sizeof(scalars) / sizeof(scalars[0]); i++) {
-        if (scalars[i] < 0 || scalars[i] > MAX_TENSOR) {
-            plan_release(&p);
-            Py_RETURN_NONE;
-        }
+        if (scalars[i] < 0 || scalars[i] > MAX_TENSOR) return TOO_BIG;
     }
-    if (p.shards < 1) {
-        plan_release(&p);
-        PyErr_SetString(PyExc_ValueError, "shards must be at least 1");
-        return NULL;
-    }
+    return 0;
+}
+
+/* Replay the steps of `p` from `loaded` (a Sim after load()); the (peak allocated, peak reserved)
+ * tuple, or NULL with a Python error. */
+static PyObject *replay(const Plan *p, const Sim *loaded, long long steps) {
     Tracer t;
     memset(&t, 0, sizeof(t));
     t.ag_held = t.rs_held = -1;
-    t.shards = p.shards;
-    run(&p, steps, &t);
+    t.shards = p->shards;
+    if (sim_clone(&t.sim, loaded)) return PyErr_NoMemory();
+    run(p, steps, &t);
     int err = t.err ? t.err : (t.sim.err ? t.sim.err : (t.ag.err ? t.ag.err : t.rs.err));
     long long alloc = t.sim.peak_allocated + t.ag.peak_allocated + t.rs.peak_allocated;
     long long reserved = t.sim.peak_reserved + t.ag.peak_reserved + t.rs.peak_reserved;
     sim_release(&t.sim);
     sim_release(&t.ag);
     sim_release(&t.rs);
-    plan_release(&p);
     if (err == 1) return PyErr_NoMemory();
     if (err) {
         PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent trace (code %d)", err);
@@ -703,8 +749,133 @@ static PyObject *simulate(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", alloc, reserved);
 }
 
+typedef struct {
+    Sim sim;
+    int64_t shards;
+} Loaded;
+
+#define LOADED "tunefit._replay.Loaded"
+
+static void loaded_free(PyObject *capsule) {
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(capsule, LOADED);
+    if (!ld) return;
+    sim_release(&ld->sim);
+    free(ld);
+}
+
+/* The allocator after loading (weights, adapters, shards) into `out`: 0, -1, TOO_BIG or OVERFLOWED. */
+static int load_args(PyObject *weights_obj, PyObject *adapters_obj, long long shards, Loaded *out) {
+    if (shards < 1) {
+        PyErr_SetString(PyExc_ValueError, "shards must be at least 1");
+        return -1;
+    }
+    Arr weights = {0, NULL}, adapters = {0, NULL};
+    int rc = to_arr(weights_obj, &weights);
+    if (!rc) rc = to_arr(adapters_obj, &adapters);
+    if (!rc) {
+        memset(&out->sim, 0, sizeof(out->sim));
+        out->shards = shards;
+        load(&out->sim, &weights, &adapters, shards);
+        if (out->sim.err) {
+            sim_release(&out->sim);
+            if (out->sim.err == 1) PyErr_NoMemory();
+            else PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent load (code %d)", out->sim.err);
+            rc = -1;
+        }
+    }
+    free(weights.v);
+    free(adapters.v);
+    return rc;
+}
+
+/* load(weights, adapters, shards): the loaded state as a capsule for resume(), or None (too big). */
+static PyObject *py_load(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *weights, *adapters;
+    long long shards;
+    if (!PyArg_ParseTuple(args, "OOL", &weights, &adapters, &shards)) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Loaded *ld = (Loaded *)malloc(sizeof(Loaded));
+    if (!ld) return PyErr_NoMemory();
+    int rc = load_args(weights, adapters, shards, ld);
+    if (rc) {
+        free(ld);
+        if (rc == -1) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *capsule = PyCapsule_New(ld, LOADED, loaded_free);
+    if (!capsule) {
+        sim_release(&ld->sim);
+        free(ld);
+    }
+    return capsule;
+}
+
+/* resume(loaded, <the plan after shards>, steps): replay the steps from a load() snapshot, which
+ * stays unchanged (each call works on its own copy). */
+static PyObject *py_resume(PyObject *self, PyObject *args) {
+    (void)self;
+    if (PyTuple_GET_SIZE(args) < 1) {
+        PyErr_SetString(PyExc_TypeError, "resume(loaded, ...): missing the loaded state");
+        return NULL;
+    }
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(PyTuple_GET_ITEM(args, 0), LOADED);
+    if (!ld) return NULL;
+    Plan p;
+    memset(&p, 0, sizeof(p));
+    long long steps = 0;
+    int rc = parse_rest(args, 1, &p, &steps);
+    PyObject *found = NULL;
+    if (rc == 0) {
+        p.shards = ld->shards;
+        found = replay(&p, &ld->sim, steps);
+    }
+    plan_release(&p);
+    if (rc == -1) return NULL;
+    if (rc) Py_RETURN_NONE;
+    return found;
+}
+
+/* simulate(weights, adapters, shards, <the rest of the plan>, steps): load, then replay. */
+static PyObject *py_simulate(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *weights, *adapters, *shards_obj;
+    if (PyTuple_GET_SIZE(args) < 3) {
+        PyErr_SetString(PyExc_TypeError, "simulate: expected the flattened plan");
+        return NULL;
+    }
+    weights = PyTuple_GET_ITEM(args, 0);
+    adapters = PyTuple_GET_ITEM(args, 1);
+    shards_obj = PyTuple_GET_ITEM(args, 2);
+    int overflow = 0;
+    long long shards = PyLong_AsLongLongAndOverflow(shards_obj, &overflow);
+    if (shards == -1 && PyErr_Occurred()) return NULL;
+    if (overflow) Py_RETURN_NONE;
+    Plan p;
+    memset(&p, 0, sizeof(p));
+    long long steps = 0;
+    int rc = parse_rest(args, 3, &p, &steps);
+    Loaded ld;
+    if (rc == 0) rc = load_args(weights, adapters, shards, &ld);
+    PyObject *found = NULL;
+    if (rc == 0) {
+        p.shards = shards;
+        found = replay(&p, &ld.sim, steps);
+        sim_release(&ld.sim);
+    }
+    plan_release(&p);
+    if (rc == -1) return NULL;
+    if (rc) Py_RETURN_NONE;
+    return found;
+}
+
 static PyMethodDef methods[] = {
-    {"simulate", simulate, METH_VARARGS, "Replay a flattened trace plan; return (peak allocated, peak reserved)."},
+    {"simulate", py_simulate, METH_VARARGS, "Replay a flattened trace plan; return (peak allocated, peak reserved)."},
+    {"load", py_load, METH_VARARGS, "The allocator after loading (weights, adapters, shards), for resume()."},
+    {"resume", py_resume, METH_VARARGS, "Replay the steps of a flattened plan from a load() snapshot."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,10 +19,12 @@ from tests.core.helpers import arch
 
 
 def _c(plan: TracePlan) -> tuple[int, int]:
+    """The C replay as trace.simulate runs it: steps resumed from the cached loaded-model snapshot."""
     if trace._replay is None:
         missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
     assert trace._replay is not None
-    return trace._replay.simulate(*trace._flat(plan), 2)
+    loaded = trace._loaded_c(plan.weights, plan.adapters, plan.shards)
+    return trace._replay.resume(loaded, *trace._flat(plan)[3:], 2)
 
 
 def _plan(a, setup: TrainingSetup) -> TracePlan:  # type: ignore[no-untyped-def]
@@ -117,6 +119,18 @@ def test_random_plans_replay_the_same(plan: TracePlan, steps: int) -> None:
     if trace._replay is None:
         missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
     assert trace._replay.simulate(*trace._flat(plan), steps) == expected
+
+
+def test_a_loaded_snapshot_is_never_changed_by_the_replays_resumed_from_it() -> None:
+    a = arch("llama-3.1-8b")
+    plans = [
+        _plan(a, TrainingSetup("qlora", batch_size=b, seq_len=s)) for b, s in ((1, 256), (8, 4096), (3, 1000))
+    ]
+    assert len({(p.weights, p.adapters, p.shards) for p in plans}) == 1  # one snapshot serves all three
+    first = [_c(p) for p in plans]
+    assert [_c(p) for p in reversed(plans)] == first[::-1]
+    assert first == [simulate_py(p) for p in plans]
+    assert len(set(first)) == 3
 
 
 def test_huge_tensors_replay_in_python() -> None:
