@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import CoreInputError
+from app.core.keys import cached_hash, state_without_hash
 
 FIELD = "model_config"
 
@@ -73,6 +74,9 @@ class Linear:
 @dataclass(frozen=True)
 class Architecture:
     """The numbers of a decoder-only LM that memory and time depend on (sizes in elements)."""
+
+    __hash__ = cached_hash
+    __getstate__ = state_without_hash
 
     model_type: str
     family: str

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from app.core.errors import CoreInputError
+from app.core.keys import cached_hash, state_without_hash
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
@@ -30,6 +31,9 @@ MAX_NUM_GPUS = 1 << 16
 @dataclass(frozen=True)
 class TrainingSetup:
     """One training configuration (per-GPU micro-batch); validated on construction."""
+
+    __hash__ = cached_hash
+    __getstate__ = state_without_hash
 
     method: Method
     precision: Precision = "bf16"
