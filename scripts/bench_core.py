@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 
+from app.core import activations as act  # noqa: E402
 from app.core import fragment, memory, params, throughput, trace, zero  # noqa: E402
 from app.core.architecture import Architecture, parse_config  # noqa: E402
 from app.core.memory import estimate_memory  # noqa: E402
@@ -33,10 +34,12 @@ def clear_core_caches() -> None:
     fragment._weights.cache_clear()
     memory._static.cache_clear()
     memory._shape_key.cache_clear()
+    act.layer_activations.cache_clear()
     memory._single_gpu.cache_clear()
     zero.zero_terms.cache_clear()
     zero.engine_setup.cache_clear()
     trace._loaded.cache_clear()
+    trace._loaded_c.cache_clear()
     trace._optimizer_tensors.cache_clear()
     params.param_groups.cache_clear()
     throughput._work.cache_clear()

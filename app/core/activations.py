@@ -9,7 +9,8 @@ All sizes are bytes per token (per batch element and position) unless a name say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from app.core.architecture import Architecture
 from app.core.setup import TrainingSetup
@@ -110,6 +111,13 @@ class LayerOp:
     grad_in: int  # bytes per token of the gradient it returns to the op before it
 
 
+@lru_cache(maxsize=4096)  # replace() re-validates the setup: a fifth of a warm estimate
+def shape_key(setup: TrainingSetup) -> TrainingSetup:
+    """The setup with batch, length and GPUs set to one: what per-token terms depend on."""
+    return replace(setup, batch_size=1, seq_len=1, num_gpus=1, parallelism="ddp")
+
+
+@lru_cache(maxsize=1024)  # per-token: the allocator replay of every new batch x seq reuses it
 def layer_activations(
     arch: Architecture, setup: TrainingSetup, targets: frozenset[str], masked: bool = False
 ) -> LayerActivations:

@@ -33,7 +33,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
             elif grp.n >= L:
                 layer_weights.extend([grp.rows * grp.cols * param_bytes(setup)] * (grp.n // L))
 
-    la = act.layer_activations(arch, setup, targets)
+    la = act.layer_activations(arch, act.shape_key(setup), targets)  # per token: batch-independent
     by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
     all_moe = arch.is_moe and arch.num_moe_layers == L
     scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
