@@ -37,6 +37,41 @@ KNOWN_FAMILIES = (
     "qwen3_moe",
 )
 
+# Model types whose decoder is not Llama-shaped in ways that change its size: a two-matrix MLP
+# (fc1/fc2 or c_fc/c_proj, no gate), fused or parallel attention blocks, other module names for LoRA.
+# Reading them as Llama would add a gate projection (+50% MLP weights) and miss their layout, so they
+# answer 422 instead of a wrong number (transformers 5.17 `modeling_<type>.py`).
+NOT_LLAMA_SHAPED = frozenset(
+    {
+        "bloom",
+        "codegen",
+        "falcon",
+        "gpt2",
+        "gpt_bigcode",
+        "gpt_neo",
+        "gpt_neox",
+        "gptj",
+        "mpt",
+        "opt",
+        "phi",
+        "starcoder2",
+    }
+)
+
+# Config fields of layers tunefit does not model, whose weights and activations a Llama-shaped reading
+# would get wrong by a wide margin (DeepSeek-V3: 671 B parameters, read as 7 B dense without them).
+_UNMODELLED_FIELDS = {
+    "kv_lora_rank": "multi-head latent attention (DeepSeek-V2/V3 style)",
+    "q_lora_rank": "multi-head latent attention (DeepSeek-V2/V3 style)",
+    "n_routed_experts": "DeepSeek-style routed experts",
+    "mamba_d_state": "state-space (Mamba) layers",
+    "mamba_d_ssm": "state-space (Mamba) layers",
+    "mamba_num_heads": "state-space (Mamba) layers",
+    "ssm_state_size": "state-space (Mamba) layers",
+    "linear_num_value_heads": "linear-attention layers",
+}
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "attention", "global", "local")
+
 # transformers 5.17 `configuration_<family>.py` class defaults, for fields a config.json may omit.
 _DEFAULT_TIE = {"gemma": True, "gemma2": True, "gemma3_text": True}
 _DEFAULT_HEAD_DIM = {"gemma": 256, "gemma2": 256, "gemma3_text": 256, "qwen3": 128, "qwen3_moe": 128}
@@ -199,6 +234,42 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config
 
 
+def _refuse_unmodelled(cfg: Mapping[str, Any], model_type: str) -> None:
+    """422 for configs whose layers tunefit does not model (rather than a silently wrong estimate)."""
+    supported = ", ".join(KNOWN_FAMILIES)
+    if model_type in NOT_LLAMA_SHAPED:
+        raise CoreInputError(
+            FIELD,
+            f"model_type {model_type!r} is not modelled: its decoder is not Llama-shaped (no gated MLP or "
+            f"other module names); tunefit models {supported} and Llama-shaped decoders",
+        )
+    for key, what in _UNMODELLED_FIELDS.items():
+        if cfg.get(key) is not None:
+            raise CoreInputError(
+                FIELD,
+                f"{key!r} means {what}, which tunefit does not model; it models {supported} "
+                "and Llama-shaped decoders",
+            )
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list):
+        other = sorted({str(t) for t in layer_types if str(t) not in _ATTENTION_LAYER_TYPES})
+        if other:
+            raise CoreInputError(
+                FIELD, f"'layer_types' has {', '.join(other)} layers, which are not modelled (attention only)"
+            )
+
+
+def llama_reading(arch: Architecture) -> str | None:
+    """The sentence to show when a config's model_type is not one tunefit follows (read as Llama)."""
+    if arch.model_type in KNOWN_FAMILIES or arch.model_type in ("gemma3", "gemma3_text"):
+        return None
+    return (
+        f"model_type {arch.model_type!r} is not one tunefit follows ({', '.join(KNOWN_FAMILIES)}): it is "
+        "read as a Llama-shaped decoder (q/k/v/o and gate/up/down projections, RMSNorm) from its sizes, "
+        f"{arch.params_total / 1e9:,.2f} B parameters; check that count against the model card."
+    )
+
+
 def _family(model_type: str) -> str:
     if model_type in ("gemma3", "gemma3_text"):
         return "gemma3_text"
@@ -213,6 +284,7 @@ def parse_config(config: Mapping[str, Any]) -> Architecture:
         raise CoreInputError(FIELD, "must be a JSON object (a Hugging Face config.json)")
     cfg = _text_config(config)
     model_type = str(cfg.get("model_type") or "llama")
+    _refuse_unmodelled(cfg, model_type)
     family = _family(model_type)
     hidden = _int(cfg, "hidden_size")
     layers = _int(cfg, "num_hidden_layers", high=_MAX_LAYERS)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.core import advice
-from app.core.architecture import parse_config
+from app.core.architecture import llama_reading, parse_config
 from app.core.cost import CostOption, Ownership, cost_options, ownership, price_notices
 from app.core.engines import EngineConfig, engine_config
 from app.core.gpu import GIB, BudgetTier, GpuSpec, PriceQuote
@@ -284,6 +284,9 @@ def run(inp: EstimateInput) -> EstimateResult:
     )
 
     warnings: list[Notice] = list(mem.warnings)
+    reading = llama_reading(arch)
+    if reading:  # first: every other number rests on it
+        warnings.insert(0, Notice("architecture_read_as_llama", reading))
     assumptions: list[str] = list(mem.assumptions)
     throughput = time = None
     cost = None

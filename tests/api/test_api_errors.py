@@ -20,6 +20,11 @@ def _config_without(key: str) -> dict[str, Any]:
     return config
 
 
+def _config_with(**fields: Any) -> dict[str, Any]:
+    """Llama-3.1-8B's config with `fields` set (rope_scaling dropped: GET sends flat values)."""
+    return {**_config_without("rope_scaling"), **fields}
+
+
 # (fields sent, the field a 422 must name). Sent over POST as JSON and over GET as query parameters.
 BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"batch_size": 0}, "batch_size"),
@@ -38,6 +43,8 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"method": "lora", "lora_targets": ["q proj; drop"]}, "lora_targets"),
     ({"model": None, "model_config": _config_without("hidden_size")}, "model_config"),
     ({"model_config": {"hidden_size": 4096}}, "model_config"),
+    ({"model": None, "model_config": _config_with(kv_lora_rank=8)}, "model_config"),  # latent attention
+    ({"model": None, "model_config": _config_with(model_type="phi")}, "model_config"),  # no gated MLP
     ({"model": None}, "model"),
 ]
 
@@ -65,8 +72,11 @@ def test_get_422_names_the_field(client: TestClient, fields: dict[str, Any], fie
     for key, value in {**BASE, **fields}.items():
         if value is None:
             continue
-        params[key] = ",".join(value) if isinstance(value, list) else (
-            json.dumps(value) if isinstance(value, dict) else str(value))
+        params[key] = (
+            ",".join(value)
+            if isinstance(value, list)
+            else (json.dumps(value) if isinstance(value, dict) else str(value))
+        )
     query = "&".join(f"{k}={quote(v)}" for k, v in params.items())
     r = client.get("/api/estimate?" + query)
     assert r.status_code == 422, r.text
@@ -138,3 +148,13 @@ def test_unknown_gpu_404_with_suggestions(client: TestClient, field: str) -> Non
     assert r.status_code == 404
     assert "rtx-4090" in r.json()["suggestions"]
     assert field in r.json()["detail"]
+
+
+def test_an_unknown_model_type_is_answered_with_its_reading_first(client: TestClient) -> None:
+    """A Llama-shaped config of a type tunefit does not follow: an answer, whose first warning says so."""
+    r = client.post(
+        "/api/estimate", json={**BASE, "model": None, "model_config": _config_with(model_type="olmo2")}
+    )
+    assert r.status_code == 200, r.text
+    first = r.json()["warnings"][0]
+    assert first["code"] == "architecture_read_as_llama" and "'olmo2'" in first["message"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.architecture import linear_modules, parse_config
+from app.core.architecture import linear_modules, llama_reading, parse_config
 from app.core.errors import CoreInputError
 from tests.core.helpers import arch, config
 
@@ -131,3 +131,46 @@ def test_bad_configs_blame_model_config(bad: object) -> None:
 def test_unknown_family_is_read_as_llama_shaped() -> None:
     cfg = dict(config("llama-3.1-8b"), model_type="some_new_llm")
     assert parse_config(cfg).params_total == 8_030_261_248
+
+
+def _llama_like(**extra: object) -> dict[str, object]:
+    return dict(config("llama-3.1-8b"), **extra)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "named"),
+    [
+        # DeepSeek-V3's config.json fields: a Llama reading of it gave 7 B dense parameters for 671 B
+        (
+            _llama_like(model_type="deepseek_v3", kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=256),
+            "lora_rank",
+        ),
+        (_llama_like(model_type="deepseek_v2", kv_lora_rank=512, q_lora_rank=None), "kv_lora_rank"),
+        (_llama_like(model_type="jamba", mamba_d_state=16), "mamba_d_state"),
+        (
+            _llama_like(model_type="qwen3_next", layer_types=["linear_attention", "full_attention"]),
+            "linear_attention",
+        ),
+        (_llama_like(model_type="gpt_neox"), "gpt_neox"),
+        (_llama_like(model_type="phi"), "phi"),
+    ],
+    ids=["deepseek_v3", "deepseek_v2_lite", "jamba", "qwen3_next", "gpt_neox", "phi"],
+)
+def test_unmodelled_layers_are_refused_not_misread(cfg: dict[str, object], named: str) -> None:
+    with pytest.raises(CoreInputError) as err:
+        parse_config(cfg)
+    assert err.value.field == "model_config"
+    assert named in str(err.value)
+
+
+def test_attention_layer_types_are_read() -> None:
+    cfg = dict(config("gemma-3-1b-it"))
+    cfg["layer_types"] = ["sliding_attention"] * 5 + ["full_attention"]
+    assert parse_config(cfg).params_total == parse_config(config("gemma-3-1b-it")).params_total
+
+
+def test_only_unknown_model_types_say_they_are_read_as_llama() -> None:
+    assert llama_reading(parse_config(config("qwen2.5-0.5b"))) is None
+    assert llama_reading(parse_config(config("gemma-3-1b-it"))) is None
+    note = llama_reading(parse_config(_llama_like(model_type="olmo2")))
+    assert note is not None and "'olmo2'" in note and "8.03 B parameters" in note
