@@ -172,6 +172,38 @@ def deepspeed_config(setup: TrainingSetup, stage: int) -> dict[str, Any]:
     }
 
 
+def resolve_deepspeed_auto(
+    config: dict[str, Any], hidden_size: int, micro_batch: int, num_gpus: int, grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+) -> dict[str, Any]:
+    """The DeepSpeed config with its "auto" values filled as HF Trainer fills them (a new dict).
+
+    transformers integrations/deepspeed.py: `trainer_config_process` (batch sizes, accumulation,
+    gradient_clipping = TrainingArguments.max_grad_norm, default 1.0), `trainer_config_finalize`
+    (reduce_bucket_size = hidden^2; ZeRO-3: stage3_prefetch_bucket_size = int(0.9 hidden^2),
+    stage3_param_persistence_threshold = 10 hidden), and `deepspeed_optim_sched`, which sets
+    zero_allow_untested_optimizer when the Trainer's own optimizer (torch AdamW) is handed over.
+    """
+    filled: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * num_gpus,
+        "gradient_clipping": max_grad_norm,
+    }
+    zero_auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    out = {k: (filled[k] if v == "auto" and k in filled else v) for k, v in config.items()}
+    zero = dict(out.get("zero_optimization") or {})
+    out["zero_optimization"] = {
+        k: (zero_auto[k] if v == "auto" and k in zero_auto else v) for k, v in zero.items()
+    }
+    out["zero_allow_untested_optimizer"] = True
+    return out
+
+
 def lora_config(setup: TrainingSetup) -> dict[str, Any] | None:
     """peft LoraConfig keyword arguments for the request's rank, alpha and targets."""
     if setup.method == "full":

@@ -1,15 +1,18 @@
-"""FSDP and DDP runs on several GPUs of one host: torchrun starts one process per GPU; rank 0 writes the line.
+"""FSDP, DDP and DeepSpeed ZeRO runs on several GPUs of one host: torchrun starts one process per GPU;
+rank 0 writes the line.
 
 Each rank loads the whole checkpoint onto its GPU with from_pretrained (as a plain script does), applies
-the same training setup, then shards every decoder layer and the root with FSDP2 `fully_shard` (fsdp) or
-wraps the model in DistributedDataParallel with its defaults (ddp); each rank trains on its own
-micro-batch of batch_size sequences.
+the same training setup, then shards every decoder layer and the root with FSDP2 `fully_shard` (fsdp),
+wraps the model in DistributedDataParallel with its defaults (ddp), or hands model and optimizer to
+`deepspeed.initialize` with the config tunefit hands out (zero2/zero3, app/core/engines.py); each rank
+trains on its own micro-batch of batch_size sequences.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from app.measure.spec import REPO_ROOT, spec_from_fields
+from app.core.architecture import parse_config
+from app.core.calibration import setup_of
+from app.core.engines import deepspeed_config, resolve_deepspeed_auto
+from app.measure.spec import REPO_ROOT, RunSpec, spec_from_fields
 from app.measure.worker import Hooks, _quiet, run_one
+
+# Set on the device machines (their KINDS.md): NVLink multicast can take the host's GPUs out of service.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# HF Trainer's decay split (transformers trainer.py `get_decay_parameter_names`): no weight decay for
+# biases and norms.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
 RANK_KEYS = ("rank", "status", "error", "failed_stage", "nvml_baseline_used", "cuda_context_bytes",
              "torch_peak_allocated", "torch_peak_reserved", "nvml_peak_used", "stages", "step_peaks")
@@ -62,6 +74,74 @@ class DdpHooks(FsdpHooks):
         return DistributedDataParallel(model, device_ids=ids)
 
 
+def zero_run_config(spec: RunSpec) -> dict[str, Any]:
+    """The DeepSpeed config engines.py hands out for this run, its "auto" values filled as HF Trainer does."""
+    setup = setup_of(spec.inputs())
+    hidden = parse_config(spec.model_config).hidden_size
+    stage = 3 if spec.parallelism == "zero3" else 2
+    return resolve_deepspeed_auto(deepspeed_config(setup, stage), hidden, spec.batch_size, spec.num_gpus)
+
+
+def trainer_param_groups(model: Any, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The two parameter groups HF Trainer's create_optimizer builds (decay, no decay; trainable only)."""
+    decay: list[Any] = []
+    other: list[Any] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = isinstance(_owner(model, name), torch.nn.LayerNorm) or _NO_DECAY.search(name.lower())
+        (other if no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def _owner(model: Any, name: str) -> Any:
+    mod = name.rpartition(".")[0]
+    return model.get_submodule(mod) if mod else model
+
+
+class ZeroHooks(FsdpHooks):
+    """DeepSpeed ZeRO-2/3: the Trainer's optimizer and the handed-out config go to deepspeed.initialize."""
+
+    owns_step = True
+
+    def __init__(self, use_cuda: bool, spec: RunSpec) -> None:
+        super().__init__(use_cuda)
+        self.spec = spec
+        self.ds_engine: Any = None
+
+    def wrap(self, model: Any) -> Any:
+        """Nothing yet: DeepSpeed wraps model and optimizer together (engine())."""
+        return model
+
+    def param_groups(self, model: Any) -> list[Any]:
+        """HF Trainer's decay / no-decay groups (DeepSpeed drops an empty one, engine.py)."""
+        return trainer_param_groups(model)
+
+    def engine(self, model: Any, opt: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """deepspeed.initialize over the existing process group; return engine, its optimizer, settings."""
+        import deepspeed  # only on this path: the harness imports without DeepSpeed
+
+        config = zero_run_config(self.spec)
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        self.ds_engine = engine
+        return engine, ds_opt, {"deepspeed": deepspeed.__version__, "config": config,
+                                "optimizer_wrapper": type(ds_opt).__name__}
+
+    def backward(self, loss: Any) -> None:
+        """engine.backward(loss): loss scaling (fp16) and ZeRO's gradient reduction hooks."""
+        self.ds_engine.backward(loss)
+
+    def step(self) -> None:
+        """engine.step(): the ZeRO optimizer step, then the engine zeroes the gradients."""
+        self.ds_engine.step()
+
+
+def _hooks(spec: RunSpec, use_cuda: bool) -> Hooks:
+    if spec.is_zero:
+        return ZeroHooks(use_cuda, spec)
+    return (DdpHooks if spec.parallelism == "ddp" else FsdpHooks)(use_cuda)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point under torchrun: `python -m torch.distributed.run ... -m app.measure.distributed JOB`."""
     args = sys.argv[1:] if argv is None else argv
@@ -69,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     spec = spec_from_fields(job["spec"])
-    hooks = (DdpHooks if spec.parallelism == "ddp" else FsdpHooks)(job["use_cuda"])
+    hooks = _hooks(spec, job["use_cuda"])
     line = run_one(spec, Path(job["ckpt"]), job["use_cuda"], job["meta"], index=local, hooks=hooks)
     line["rank"] = rank
     lines: list[Any] = [None] * int(os.environ["WORLD_SIZE"])
@@ -103,7 +183,7 @@ def launch(job: dict[str, Any], result_path: Path, timeout_s: float) -> tuple[di
     job_path.write_text(json.dumps({**job, "result_path": str(result_path)}))
     n = int(job["spec"]["num_gpus"])
     # NVML numbers GPUs in PCI order; make CUDA agree so each rank samples its own card.
-    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": "1"}
+    env = {**NO_MULTICAST, **os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "app.measure.distributed", str(job_path)]
     try:

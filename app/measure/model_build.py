@@ -56,7 +56,11 @@ def load_for_training(spec: RunSpec, ckpt: Path, device: str) -> tuple[torch.nn.
     from transformers import AutoModelForCausalLM
 
     settings: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {"attn_implementation": spec.attention, "dtype": DTYPES[spec.precision]}
+    dtype = DTYPES[spec.precision]
+    if spec.is_zero and spec.precision in ("amp_bf16", "amp_fp16"):
+        # DeepSpeed casts the module to its 16-bit dtype anyway, so engines.sft_config loads 16 bits.
+        dtype = torch.bfloat16 if spec.precision == "amp_bf16" else torch.float16
+    kwargs: dict[str, Any] = {"attn_implementation": spec.attention, "dtype": dtype}
     if device.startswith("cuda"):
         kwargs["device_map"] = {"": torch.device(device).index or 0}
     if spec.method == "qlora":

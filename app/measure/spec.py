@@ -54,6 +54,11 @@ class RunSpec:
     note: str = ""
 
     @property
+    def is_zero(self) -> bool:
+        """Whether this run trains under DeepSpeed ZeRO (several GPUs, zero2 or zero3)."""
+        return self.num_gpus > 1 and self.parallelism in ("zero2", "zero3")
+
+    @property
     def alpha(self) -> int:
         """LoRA alpha, defaulting to twice the rank as the API does."""
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
@@ -90,10 +95,13 @@ def validate(spec: RunSpec) -> RunSpec:
     _check(len(spec.lora_targets) >= 1, "lora_targets", "must name at least one module or all-linear")
     _check(spec.num_gpus >= 1, "num_gpus", "must be >= 1")
     _check(
-        spec.num_gpus == 1 or spec.parallelism in ("fsdp", "ddp"),
+        spec.num_gpus == 1 or spec.parallelism in ("fsdp", "ddp", "zero2", "zero3"),
         "parallelism",
-        "this harness runs one GPU, or several with fsdp or ddp (torchrun)",
+        "this harness runs one GPU, or several with fsdp, ddp, zero2 or zero3 (torchrun)",
     )
+    # engines.py hands out bnb_4bit_quant_storage for ZeRO-3 QLoRA; the harness's loader does not set it.
+    _check(not (spec.is_zero and spec.parallelism == "zero3" and spec.method == "qlora"), "method",
+           "qlora under zero3 is not built in this harness (it needs bnb_4bit_quant_storage)")
     _check(spec.method != "qlora" or spec.precision in ("bf16", "amp_bf16", "fp16", "amp_fp16"),
            "precision", "qlora needs a 16-bit compute dtype")
     _check(isinstance(spec.model_config.get("model_type"), str), "model_config", "needs model_type")

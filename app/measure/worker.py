@@ -44,7 +44,7 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def build_optimizer(spec: RunSpec, params: list[torch.nn.Parameter]) -> tuple[Any, dict[str, Any]]:
+def build_optimizer(spec: RunSpec, params: list[Any]) -> tuple[Any, dict[str, Any]]:
     """The optimizer the API names, built as PyTorch/bitsandbytes build it by default (lr aside)."""
     if spec.optimizer == "adamw":
         opt: Any = torch.optim.AdamW(params, lr=LR)
@@ -62,6 +62,8 @@ def build_optimizer(spec: RunSpec, params: list[torch.nn.Parameter]) -> tuple[An
 
 
 def _autocast(spec: RunSpec, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if spec.is_zero:
+        return contextlib.nullcontext()  # DeepSpeed trains the 16-bit module it cast; HF runs no autocast
     if spec.precision == "amp_bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if spec.precision == "amp_fp16":
@@ -81,7 +83,10 @@ class _Stage:
 
 
 class Hooks:
-    """Where a multi-GPU run plugs in: after the device exists, and after the model is set up."""
+    """Where a multi-GPU run plugs in: after the device exists, after the model is set up, and (for an
+    engine that owns backward and step, like DeepSpeed) around the optimizer."""
+
+    owns_step = False  # True: engine() wraps model and optimizer; backward()/step() replace the loop's own
 
     def after_device(self, device: torch.device) -> None:
         """Called once the device (and its CUDA context) exists."""
@@ -89,6 +94,21 @@ class Hooks:
     def wrap(self, model: Any) -> Any:
         """Return the model to train (e.g. sharded); the default trains it as it is."""
         return model
+
+    def param_groups(self, model: Any) -> list[Any]:
+        """What the optimizer is built on: the trainable parameters, in one group."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def engine(self, model: Any, opt: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Wrap model and optimizer in the engine; return them and the engine's settings (owns_step only)."""
+        return model, opt, {}
+
+    def backward(self, loss: Any) -> None:
+        """The engine's backward (owns_step only)."""
+        loss.backward()
+
+    def step(self) -> None:
+        """The engine's optimizer step and gradient reset (owns_step only)."""
 
 
 def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any], index: int = 0,
@@ -130,13 +150,19 @@ def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any], ind
             with stage("shard"):
                 model = hooks.wrap(model)
                 stages["shard"] = probe.reading()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = hooks.param_groups(model)
         with stage("optimizer_init"):
             opt, opt_desc = build_optimizer(spec, params)
             settings["optimizer"] = opt_desc
-            scaler = torch.amp.GradScaler(device.type) if spec.precision == "amp_fp16" else None
-            settings["autocast_dtype"] = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(spec.precision)
+            amp_scaler = spec.precision == "amp_fp16" and not hooks.owns_step
+            scaler = torch.amp.GradScaler(device.type) if amp_scaler else None
+            amp = None if spec.is_zero else spec.precision
+            settings["autocast_dtype"] = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(amp or "")
             settings["grad_scaler"] = scaler is not None
+        if hooks.owns_step:
+            with stage("engine"):
+                model, opt, settings["engine"] = hooks.engine(model, opt)
+                stages["engine"] = probe.reading()
         line["settings"] = settings
         vocab = int(spec.model_config.get("vocab_size") or model.config.vocab_size)
         x = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), device=device)
@@ -149,18 +175,24 @@ def run_one(spec: RunSpec, ckpt: Path, use_cuda: bool, meta: dict[str, Any], ind
             if first:
                 stages["forward"] = probe.reading()
             with stage("backward" if first else f"step{i + 1}"):
-                (scaler.scale(loss) if scaler else loss).backward()
+                if hooks.owns_step:
+                    hooks.backward(loss)
+                else:
+                    (scaler.scale(loss) if scaler else loss).backward()
             if first:
                 stages["backward"] = probe.reading()
             with stage("optimizer_step" if first else f"step{i + 1}"):
-                if scaler:
+                if hooks.owns_step:
+                    hooks.step()  # DeepSpeed's engine.step() steps and clears the gradients itself
+                elif scaler:
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
                 if first:
                     stages["optimizer_step"] = probe.reading()
-                opt.zero_grad(set_to_none=True)
+                if not hooks.owns_step:
+                    opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if first:
                 stages["zero_grad"] = probe.reading()
