@@ -16,6 +16,8 @@ from app.core.architecture import Architecture
 from app.core.setup import TrainingSetup
 
 ALL_LINEAR = "all-linear"
+# SDPA's math kernel: score-sized fp32 tensors its backward adds to the saved softmax (layer_activations).
+MATH_SCORES_BACKWARD = 3 * 4
 
 
 @dataclass(frozen=True)
@@ -201,11 +203,15 @@ def layer_activations(
     math = sdpa_math(arch, setup, masked)
     if math:
         # `_scaled_dot_product_attention_math`: q * sqrt(scale), repeat_interleave'd k * sqrt(scale)
-        # and v are saved by the matmuls; softmax's output (scores) too; the pre-softmax product is
-        # transient.
+        # and v are saved by the matmuls; softmax's output (scores) too.  Its backward holds, besides
+        # that saved softmax, three more score-sized fp32 tensors at once: the probabilities' gradient
+        # (BmmBackward0), and in `_softmax_backward_data` the product `Tensor tmp = grad * output;`
+        # and the scores' gradient (aten/src/ATen/native/cuda/SoftMax.cu softmax_backward_cuda_out).
+        # Traced with torch.cuda.memory._record_memory_history on the H200 (torch 2.11): Llama-3.1-8B
+        # QLoRA 2x4096, 4 x 4 GiB live at the backward peak (run j-blind-gaps-004's mechanism).
         t.extend([4 * q, 4 * q, 4 * q])
         scores_saved = 4
-        scores_transient = 4
+        scores_transient = MATH_SCORES_BACKWARD
     elif not eager:
         kv_saved = q if masked else kv
         t.extend([att * q, att * kv_saved, att * kv_saved, att * q, 4 * arch.num_heads])
@@ -262,6 +268,40 @@ def layer_activations(
 def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int:
     """Largest short-lived set in a layer (bytes per token)."""
     return sum(layer_transient_tensors(arch, setup))
+
+
+def attention_prefix(layer: LayerActivations) -> int:
+    """Bytes per token a layer saves up to and including its attention (its input norm first)."""
+    total = 0
+    for o in layer.ops:
+        total += sum(o.saved)
+        if o.name == "attention":
+            break
+    return total
+
+
+def math_attention_backward(
+    arch: Architecture,
+    setup: TrainingSetup,
+    layer: LayerActivations,
+    tokens: int,
+    scores: int,
+    kept_all: int,
+    kept_per_layer: int,
+) -> tuple[int, int]:
+    """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer."""
+    prefix = attention_prefix(layer) * tokens
+    # Beside what the layer saved up to its attention: the gradient of the head-expanded v (BmmBackward0,
+    # b x heads x s x head_dim, fp32) and the residual stream's gradient waiting at the attention's add.
+    grads = (4 * arch.q_width + dtypes_for(setup).residual * arch.hidden_size) * tokens
+    busy = (layer.attn_scores_saved + layer.attn_scores_transient) * scores + grads
+    if setup.gradient_checkpointing:
+        # The recomputed input norm saves the layer's fp32 input itself, which the checkpoint keeps.
+        own = prefix - 4 * arch.hidden_size * tokens + busy
+        return kept_all + own, kept_per_layer + own
+    # Without checkpointing the MLP's and o_proj's backward have freed what the layer saved after attention.
+    post = layer.saved * tokens - prefix
+    return kept_all - post + layer.attn_scores_transient * scores + grads, prefix + busy
 
 
 def layer_transient_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[int, ...]:

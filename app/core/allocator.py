@@ -44,10 +44,17 @@ NCCL_BYTES = 1_041_498_112 - 155_189_248
 # (aten/src/ATen/cuda/CublasHandlePool.cpp, torch >= 2.5).
 CUBLAS_WORKSPACE_BYTES = 2 * 4 * MIB + 8 * 16 * 1024 + 32 * MIB
 
-# cudaMallocManaged memory (bitsandbytes paged optimizer states) is counted in 2 MiB pages: the
-# paged run a-llama-3.2-1b-sweeps-013 shows 2,432 MiB of managed memory for 2,357 MiB of states,
-# the difference being the 1 MiB k/v states rounded up to 2 MiB each.
-MANAGED_PAGE = 2 * MIB
+# cudaMallocManaged memory (bitsandbytes paged optimizer states) resident on the GPU.  The UVM driver
+# takes GPU memory from PMA, which NVML counts, in batches of 1 << uvm_perf_pma_batch_nonpinned_order
+# (default 6) root chunks of 2 MiB (NVIDIA open-gpu-kernel-modules kernel-open/nvidia-uvm/
+# uvm_pmm_gpu.c): NVML shows the paged states in 128 MiB steps.  Within them an allocation occupied the
+# next power of two below 2 MiB, whole 2 MiB chunks above (probe on the H200 with bitsandbytes
+# PagedAdamW8bit, NVML used minus torch reserved: 336 x 128 KiB states -> 128 MiB, then 200 x 768 KiB
+# states -> +256 MiB, 128 x 1 MiB -> +128 MiB, 200 x 144 KiB -> +0).  Runs: a-llama-3.2-1b-sweeps-013
+# 2,432 MiB for 2,357 MiB of states; j-blind-gaps-003 384 MiB for 324 MiB; j-blind-gaps-016 128 MiB
+# for 21 MiB (168 states of 128 KiB).
+MANAGED_CHUNK = 2 * MIB
+UVM_PMA_BATCH = 64 * MANAGED_CHUNK
 
 
 def block_size(nbytes: int) -> int:
@@ -66,8 +73,17 @@ def segment_bytes(nbytes: int) -> int:
 
 
 def managed_bytes(nbytes: int) -> int:
-    """GPU memory one managed allocation occupies once resident."""
-    return -(-nbytes // MANAGED_PAGE) * MANAGED_PAGE
+    """GPU memory one managed allocation occupies once resident (within UVM's batches)."""
+    if nbytes <= 0:
+        return 0
+    if nbytes <= MANAGED_CHUNK:
+        return 1 << (nbytes - 1).bit_length()
+    return -(-nbytes // MANAGED_CHUNK) * MANAGED_CHUNK
+
+
+def uvm_resident_bytes(managed: int) -> int:
+    """What NVML shows for this much resident managed memory: whole batches of UVM root chunks."""
+    return -(-managed // UVM_PMA_BATCH) * UVM_PMA_BATCH
 
 
 def kernel_bytes(flash: bool) -> int:

@@ -14,6 +14,7 @@ from app.core.allocator import (
     cuda_context_bytes,
     kernel_bytes,
     managed_bytes,
+    uvm_resident_bytes,
 )
 from app.core.architecture import Architecture
 from app.core.errors import CoreInputError
@@ -206,7 +207,10 @@ def estimate_memory(
         kept_all += eager_mask + shared_mask
         kept_per_layer = layer_saved_max
         recompute = 0
-    transient = layer.transient * tokens + layer.attn_scores_transient * scores
+    # SDPA's math kernel (fp32 attention with grouped k/v heads) has its own busiest moment, the
+    # attention's backward (activations.math_attention_backward); the MLP's backward holds none of its scores.
+    math = act.sdpa_math(arch, setup) and arch.num_layers > n_masked
+    transient = layer.transient * tokens + (0 if math else layer.attn_scores_transient) * scores
     if arch.num_moe_layers:
         transient += act.moe_backward_scratch(arch, setup) * tokens
     embed_out = dtypes.residual * arch.hidden_size * tokens
@@ -233,6 +237,12 @@ def estimate_memory(
     # second step see them; gradients are None at the forward (zero_grad(set_to_none=True)).
     bwd_top = kept_all + recompute + transient + head_grads
     bwd_bottom = kept_per_layer + recompute + transient + embed_out + layer_grads + head_grads
+    if math:
+        top, bottom = act.math_attention_backward(
+            arch, setup, layer, tokens, scores, kept_all, kept_per_layer
+        )
+        bwd_top = max(bwd_top, top + head_grads)
+        bwd_bottom = max(bwd_bottom, bottom + embed_out + layer_grads + head_grads)
     phases: dict[str, dict[str, int]] = {
         "forward": {
             "activations": kept_all + final_norm * tokens + embed_out,
@@ -317,7 +327,7 @@ def estimate_memory(
     if managed:
         # bitsandbytes paged states live in cudaMallocManaged memory: outside torch's allocator, but
         # resident on the GPU during the step, so NVML counts them (run a-llama-3.2-1b-sweeps-013).
-        breakdown["optimizer_states_paged"] = managed
+        breakdown["optimizer_states_paged"] = uvm_resident_bytes(managed)
     if multi and setup.parallelism == "ddp":
         # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
         breakdown["ddp_buckets"] = _allocated(train_groups)

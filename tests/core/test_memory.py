@@ -155,3 +155,34 @@ def test_qlora_flash_attention_2_runs_attention_in_bf16() -> None:
     # under GC the recomputed layer's fp32 probabilities (32 heads x 4096^2 x 4 bytes = 2 GiB) and its
     # transient scores are what SDPA's math kernel adds at the backward peak
     assert peak_fa2 < peak_sdpa - 2**30
+
+
+def test_sdpa_math_backward_holds_four_score_tensors() -> None:
+    """SDPA math's backward: saved softmax + its gradient + softmax_backward's `grad * output` and result."""
+    from app.core.activations import layer_activations, lora_target_names
+
+    a = arch("llama-3.1-8b")
+    s = TrainingSetup("qlora", batch_size=2, seq_len=4096, double_quant=False)
+    la = layer_activations(a, s, lora_target_names(a, s.lora_targets))
+    assert (la.attn_scores_saved, la.attn_scores_transient) == (4, 12)
+    scores = 2 * 32 * 4096 * 4096
+    est = estimate_memory(a, s)
+    # run j-blind-gaps-004: 28.37 GiB allocated at the peak (4 x 4 GiB of scores, traced)
+    assert est.breakdown["activations"] > 4 * (4 * scores)  # four fp32 b x heads x s^2 tensors
+    assert "Peak phase: backward top" in " ".join(est.assumptions)
+
+
+def test_paged_states_take_uvm_batches() -> None:
+    """NVML shows bitsandbytes' managed states in 128 MiB UVM batches (runs a-013, j-003, j-016)."""
+    from app.core.allocator import MIB, managed_bytes, uvm_resident_bytes
+
+    assert managed_bytes(128 * 1024) == 128 * 1024
+    assert managed_bytes(768 * 1024) == MIB
+    assert managed_bytes(3 * MIB) == 4 * MIB
+    assert uvm_resident_bytes(168 * managed_bytes(128 * 1024)) == 128 * MIB  # j-blind-gaps-016
+    assert uvm_resident_bytes(0) == 0
+    est = estimate_memory(
+        arch("llama-3.2-3b"),
+        TrainingSetup("qlora", optimizer="paged_adamw_8bit", batch_size=4, seq_len=1024, lora_targets=ALL),
+    )
+    assert est.breakdown["optimizer_states_paged"] == 128 * MIB
