@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import argparse  # noqa: E402
 
 from app.core import activations as act  # noqa: E402
-from app.core import fragment, memory, params, throughput, trace, zero  # noqa: E402
+from app.core import fragment, loading, memory, params, throughput, trace, zero  # noqa: E402
 from app.core.architecture import Architecture, parse_config  # noqa: E402
 from app.core.memory import estimate_memory  # noqa: E402
 from app.core.setup import TrainingSetup  # noqa: E402
@@ -31,7 +31,13 @@ from app.core.setup import TrainingSetup  # noqa: E402
 def clear_core_caches() -> None:
     """Forget every per-process cache of the core (replays, static terms, loaded weights, work)."""
     fragment.fragmentation.cache_clear()
-    fragment._weights.cache_clear()
+    fragment._dequant.cache_clear()
+    loading._stages.cache_clear()
+    loading._script.cache_clear()
+    loading.model_tensors.cache_clear()
+    loading._layer_linears.cache_clear()
+    loading._layer_tensors.cache_clear()
+    loading._checkpoint_order.cache_clear()
     memory._static.cache_clear()
     memory._shape_key.cache_clear()
     act.layer_activations.cache_clear()

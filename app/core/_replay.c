@@ -7,7 +7,10 @@
  * requests <= 1 MiB come from a small pool counted in whole 2 MiB segments; larger ones take the
  * smallest free block (lowest address on ties), split when more than 1 MiB would remain, else a new
  * segment of 20 MiB (requests under 10 MiB) or the request rounded up to 2 MiB; frees merge with
- * free neighbours of the same segment.
+ * free neighbours of the same segment; empty_cache releases every segment that is one free block.
+ *
+ * The load (loading.py) comes as a script: n >= 0 allocates n bytes (the script's k-th allocation is
+ * allocation k), -1 - k frees allocation k, EMPTY_CACHE calls empty_cache.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,6 +33,7 @@
 #define MAX_TENSOR ((int64_t)1 << 40)
 #define TOO_BIG (-2)
 #define NBINS 256
+#define EMPTY_CACHE (-((int64_t)1 << 62)) /* loading.EMPTY_CACHE */
 
 typedef struct {
     int64_t d_len, d_cap;
@@ -292,6 +296,26 @@ static void sim_free(Sim *s, int64_t handle) {
     free_insert(s, id);
 }
 
+/* AllocatorSim.empty_cache: release every large segment that is one free block (no neighbours);
+ * the small pool keeps its segments. */
+static void sim_empty_cache(Sim *s) {
+    for (int b = 0; b < NBINS; b++) {
+        int32_t kept = 0;
+        for (int32_t i = 0; i < s->bin_n[b]; i++) {
+            int32_t id = s->bin[b][i];
+            Block *bl = &s->blocks[id];
+            if (bl->prev == NO_BLOCK && bl->next == NO_BLOCK) {
+                s->reserved -= bl->size;
+                block_drop(s, id);
+            } else {
+                s->bin[b][kept++] = id;
+            }
+        }
+        s->bin_n[b] = kept;
+        if (!kept) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
+    }
+}
+
 static void sim_release(Sim *s) {
     free(s->blocks);
     free(s->spare_ids);
@@ -352,8 +376,8 @@ typedef struct {
 } Op;
 
 typedef struct {
-    Arr weights, adapters, opt_states, opt_temps, head_grads, layer_saved,
-        layer_transient, layer_copies, final_saved, shared, layer_weights, root_weights;
+    Arr opt_states, opt_temps, head_grads, layer_saved, layer_transient, layer_copies, final_saved, shared,
+        layer_weights, root_weights;
     Op *ops;
     int64_t n_ops;
     int64_t shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden,
@@ -388,13 +412,49 @@ static int to_arr(PyObject *obj, Arr *out) {
     return 0;
 }
 
+/* A load script: sizes up to MAX_TENSOR (else TOO_BIG) and negative ops (frees, EMPTY_CACHE). */
+static int to_script(PyObject *obj, Arr *out) {
+    PyObject *seq = PySequence_Fast(obj, "expected a sequence of ints");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    out->n = n;
+    out->v = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!out->v) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(seq, i), &overflow);
+        if (x == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (overflow || x > MAX_TENSOR) {
+            Py_DECREF(seq);
+            return TOO_BIG;
+        }
+        out->v[i] = (int64_t)x;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 /* ---- the tracer (trace._Tracer and trace._forward_backward) ---- */
 
 typedef struct {
     Sim sim, ag, rs;
-    int64_t ag_held, rs_held, shards;
+    int64_t ag_held, rs_held, shards, peak;
     int err;
 } Tracer;
+
+/* _Tracer.fold: the default pool's peak since the last fold, beside the side pools, into `peak`. */
+static void fold(Tracer *t) {
+    int64_t total = t->sim.peak_allocated + t->ag.allocated + t->rs.allocated;
+    if (total > t->peak) t->peak = total;
+    t->sim.peak_allocated = t->sim.allocated;
+}
 
 #define ERR(t) ((t)->err || (t)->sim.err || (t)->ag.err || (t)->rs.err)
 
@@ -410,9 +470,12 @@ static void unshard(Tracer *t, const Arr *sizes, Vec *out) {
     int64_t total = 0;
     for (int64_t i = 0; i < sizes->n; i++) total += sizes->v[i];
     int64_t n = t->sim.handles = t->sim.handles + 2;
+    fold(t);
     sim_malloc(&t->ag, n - 1, ceil_div(total, t->shards));
     sim_malloc(&t->ag, n, total);
+    fold(t);
     new_all(t, sizes, out);
+    fold(t);
     sim_free(&t->ag, n - 1);
     if (t->ag_held >= 0) sim_free(&t->ag, t->ag_held);
     t->ag_held = n;
@@ -422,10 +485,13 @@ static void reduce_scatter(Tracer *t, const int64_t *grads, const int64_t *sizes
     int64_t total = 0;
     for (int64_t i = 0; i < k; i++) total += sizes[i];
     int64_t n = t->sim.handles = t->sim.handles + 2;
+    fold(t);
     sim_malloc(&t->rs, n - 1, total);
     sim_malloc(&t->rs, n, ceil_div(total, t->shards));
+    fold(t);
     free_all(&t->sim, grads, k);
     for (int64_t i = 0; i < k; i++) vec_push(out, sim_new(&t->sim, ceil_div(sizes[i], t->shards)), &t->err);
+    fold(t);
     sim_free(&t->rs, n);
     if (t->rs_held >= 0) sim_free(&t->rs, t->rs_held);
     t->rs_held = n - 1;
@@ -581,18 +647,22 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     }
 }
 
-/* trace._loaded: from_pretrained, get_peft_model, and FSDP2's swap of each weight for its shard */
-static void load(Sim *sim, const Arr *weights, const Arr *adapters, int64_t shards) {
-    Vec loaded = {0, 0, NULL};
-    for (int64_t i = 0; i < weights->n; i++) vec_push(&loaded, sim_new(sim, weights->v[i]), &sim->err);
-    for (int64_t i = 0; i < adapters->n; i++) sim_new(sim, adapters->v[i]);
-    if (shards > 1) {
-        for (int64_t i = 0; i < weights->n && !sim->err; i++) {
-            sim_new(sim, ceil_div(weights->v[i], shards));
-            sim_free(sim, loaded.d[i]);
+/* trace._loaded: run the load script (from_pretrained, peft, FSDP2's sharding; loading.py) */
+static void load(Sim *sim, const Arr *script) {
+    Vec handles = {0, 0, NULL};
+    for (int64_t i = 0; i < script->n && !sim->err; i++) {
+        int64_t op = script->v[i];
+        if (op >= 0) {
+            vec_push(&handles, sim_new(sim, op), &sim->err);
+        } else if (op == EMPTY_CACHE) {
+            sim_empty_cache(sim);
+        } else if (-1 - op < handles.d_len) {
+            sim_free(sim, handles.d[-1 - op]);
+        } else {
+            sim->err = 4; /* a free of an allocation the script has not made */
         }
     }
-    free(loaded.d);
+    free(handles.d);
 }
 
 /* The training steps, from the loaded state in t->sim. */
@@ -622,10 +692,8 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
 }
 
 static void plan_release(Plan *p) {
-    Arr *all[] = {&p->weights,      &p->adapters,     &p->opt_states,
-                  &p->opt_temps,    &p->head_grads,   &p->layer_saved, &p->layer_transient,
-                  &p->layer_copies, &p->final_saved,  &p->shared,     &p->layer_weights,
-                  &p->root_weights};
+    Arr *all[] = {&p->opt_states,  &p->opt_temps,   &p->head_grads, &p->layer_saved, &p->layer_transient,
+                  &p->layer_copies, &p->final_saved, &p->shared,     &p->layer_weights, &p->root_weights};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->v);
     for (int64_t i = 0; i < p->n_ops; i++) {
         free(p->ops[i].grads.v);
@@ -675,7 +743,7 @@ static int parse_ops(PyObject *obj, Plan *p) {
 
 #define OVERFLOWED 1
 
-/* Parse the plan after (weights, adapters, shards) from `args[first:]`: 0, -1 (Python error set),
+/* Parse the plan after (script, shards) from `args[first:]`: 0, -1 (Python error set),
  * TOO_BIG or OVERFLOWED (a size past the C replay's range: the caller answers None). */
 static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *steps) {
     PyObject *rest = PyTuple_GetSlice(args, first, PyTuple_GET_SIZE(args));
@@ -734,10 +802,13 @@ static PyObject *replay(const Plan *p, const Sim *loaded, long long steps) {
     t.ag_held = t.rs_held = -1;
     t.shards = p->shards;
     if (sim_clone(&t.sim, loaded)) return PyErr_NoMemory();
+    t.sim.peak_allocated = t.sim.allocated; /* the step's peak allocated, as trace.simulate_py */
     run(p, steps, &t);
+    fold(&t);
     int err = t.err ? t.err : (t.sim.err ? t.sim.err : (t.ag.err ? t.ag.err : t.rs.err));
-    long long alloc = t.sim.peak_allocated + t.ag.peak_allocated + t.rs.peak_allocated;
-    long long reserved = t.sim.peak_reserved + t.ag.peak_reserved + t.rs.peak_reserved;
+    long long alloc = t.peak;
+    long long reserved = t.sim.reserved + t.ag.reserved + t.rs.reserved; /* as trace.simulate_py */
+    if (t.sim.peak_reserved > reserved) reserved = t.sim.peak_reserved;
     sim_release(&t.sim);
     sim_release(&t.ag);
     sim_release(&t.rs);
@@ -763,44 +834,43 @@ static void loaded_free(PyObject *capsule) {
     free(ld);
 }
 
-/* The allocator after loading (weights, adapters, shards) into `out`: 0, -1, TOO_BIG or OVERFLOWED. */
-static int load_args(PyObject *weights_obj, PyObject *adapters_obj, long long shards, Loaded *out) {
+/* The allocator after the load script into `out`: 0, -1, TOO_BIG or OVERFLOWED. */
+static int load_args(PyObject *script_obj, long long shards, Loaded *out) {
     if (shards < 1) {
         PyErr_SetString(PyExc_ValueError, "shards must be at least 1");
         return -1;
     }
-    Arr weights = {0, NULL}, adapters = {0, NULL};
-    int rc = to_arr(weights_obj, &weights);
-    if (!rc) rc = to_arr(adapters_obj, &adapters);
+    Arr script = {0, NULL};
+    int rc = to_script(script_obj, &script);
     if (!rc) {
         memset(&out->sim, 0, sizeof(out->sim));
         out->shards = shards;
-        load(&out->sim, &weights, &adapters, shards);
+        load(&out->sim, &script);
         if (out->sim.err) {
+            int err = out->sim.err;
             sim_release(&out->sim);
-            if (out->sim.err == 1) PyErr_NoMemory();
-            else PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent load (code %d)", out->sim.err);
+            if (err == 1) PyErr_NoMemory();
+            else PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent load (code %d)", err);
             rc = -1;
         }
     }
-    free(weights.v);
-    free(adapters.v);
+    free(script.v);
     return rc;
 }
 
-/* load(weights, adapters, shards): the loaded state as a capsule for resume(), or None (too big). */
+/* load(script, shards): the loaded state as a capsule for resume(), or None (too big). */
 static PyObject *py_load(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *weights, *adapters;
+    PyObject *script;
     long long shards;
-    if (!PyArg_ParseTuple(args, "OOL", &weights, &adapters, &shards)) {
+    if (!PyArg_ParseTuple(args, "OL", &script, &shards)) {
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
         PyErr_Clear();
         Py_RETURN_NONE;
     }
     Loaded *ld = (Loaded *)malloc(sizeof(Loaded));
     if (!ld) return PyErr_NoMemory();
-    int rc = load_args(weights, adapters, shards, ld);
+    int rc = load_args(script, shards, ld);
     if (rc) {
         free(ld);
         if (rc == -1) return NULL;
@@ -839,17 +909,16 @@ static PyObject *py_resume(PyObject *self, PyObject *args) {
     return found;
 }
 
-/* simulate(weights, adapters, shards, <the rest of the plan>, steps): load, then replay. */
+/* simulate(script, shards, <the rest of the plan>, steps): load, then replay. */
 static PyObject *py_simulate(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *weights, *adapters, *shards_obj;
-    if (PyTuple_GET_SIZE(args) < 3) {
+    PyObject *script, *shards_obj;
+    if (PyTuple_GET_SIZE(args) < 2) {
         PyErr_SetString(PyExc_TypeError, "simulate: expected the flattened plan");
         return NULL;
     }
-    weights = PyTuple_GET_ITEM(args, 0);
-    adapters = PyTuple_GET_ITEM(args, 1);
-    shards_obj = PyTuple_GET_ITEM(args, 2);
+    script = PyTuple_GET_ITEM(args, 0);
+    shards_obj = PyTuple_GET_ITEM(args, 1);
     int overflow = 0;
     long long shards = PyLong_AsLongLongAndOverflow(shards_obj, &overflow);
     if (shards == -1 && PyErr_Occurred()) return NULL;
@@ -857,9 +926,9 @@ static PyObject *py_simulate(PyObject *self, PyObject *args) {
     Plan p;
     memset(&p, 0, sizeof(p));
     long long steps = 0;
-    int rc = parse_rest(args, 3, &p, &steps);
+    int rc = parse_rest(args, 2, &p, &steps);
     Loaded ld;
-    if (rc == 0) rc = load_args(weights, adapters, shards, &ld);
+    if (rc == 0) rc = load_args(script, shards, &ld);
     PyObject *found = NULL;
     if (rc == 0) {
         p.shards = shards;
@@ -874,7 +943,7 @@ static PyObject *py_simulate(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"simulate", py_simulate, METH_VARARGS, "Replay a flattened trace plan; return (peak allocated, peak reserved)."},
-    {"load", py_load, METH_VARARGS, "The allocator after loading (weights, adapters, shards), for resume()."},
+    {"load", py_load, METH_VARARGS, "The allocator after a load script (and the FSDP shards), for resume()."},
     {"resume", py_resume, METH_VARARGS, "Replay the steps of a flattened plan from a load() snapshot."},
     {NULL, NULL, 0, NULL},
 };

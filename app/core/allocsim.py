@@ -6,7 +6,8 @@ their total, rounded up to whole segments); larger requests take the best-fittin
 (smallest size, then lowest address), split it when more than 1 MiB would remain (`should_split`),
 and otherwise get a new segment of 20 MiB (requests under 10 MiB) or of the request rounded up to
 2 MiB (`get_allocation_size`).  Freed blocks merge with free neighbours of the same segment, and
-segments are never returned to the driver (no empty_cache, no OOM retry on a card this large).
+segments go back to the driver only in `empty_cache` (peft's prepare_model_for_kbit_training calls
+it; no OOM retry on a card this large).
 """
 
 from __future__ import annotations
@@ -153,6 +154,21 @@ class AllocatorSim:
         block[SIZE] = bsize
         block[FREE] = 1
         insort(self._free, (bsize, addr))
+
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): release every large segment that is one free block
+        (`release_cached_blocks` frees blocks with no neighbours).  The small pool, counted here only
+        by its peak in 2 MiB segments, keeps its segments."""
+        keep: list[tuple[int, int]] = []
+        blocks = self._blocks
+        for size, addr in self._free:
+            block = blocks[addr]
+            if block[PREV] == -1 and block[NEXT] == -1:
+                del blocks[addr]
+                self.reserved -= size
+            else:
+                keep.append((size, addr))
+        self._free = keep
 
     def free_all(self, handles: list[int]) -> None:
         """Free every handle in order."""

@@ -7,7 +7,8 @@ from functools import lru_cache
 
 from app.core import activations as act
 from app.core.architecture import Architecture
-from app.core.params import grad_size, lora_groups, param_bytes, param_groups, weight_tensors
+from app.core.loading import load_script
+from app.core.params import grad_size, param_bytes, param_groups, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import Shape, TracePlan, simulate
 
@@ -21,7 +22,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     full = setup.method == "full"
     g = grad_size(setup)
     h, v, L = arch.hidden_size, arch.vocab_size, arch.num_layers
-    weights, dequant = _weights(arch, setup.method, setup.precision, setup.double_quant)
+    dequant = _dequant(arch, setup.method, setup.precision, setup.double_quant)
     # FSDP2 all-gathers per layer (its weights) and per root module (embedding, final norm, lm_head)
     elem = param_bytes(setup) if setup.method != "qlora" else 4
     layer_weights: list[int] = []
@@ -46,13 +47,24 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     if la.attn_scores_saved:
         eager = setup.attention == "eager"
         op_saved["attention"] += [4 * scores] + ([d.attn * scores] if eager and d.attn != 4 else [])
-        # backward through softmax(QK^T)V: the probabilities' gradient and the scores' gradient
-        # (eager also casts between bf16 and fp32 on the way)
-        op_scratch["attention"] = [4 * scores, 4 * scores] + ([d.attn * scores] if eager else [])
         if eager:
+            # backward through softmax(QK^T)V: the probabilities' gradient and the scores' gradient,
+            # cast between bf16 and fp32 on the way
+            op_scratch["attention"] = [4 * scores, 4 * scores, d.attn * scores]
             fwd_scratch = [d.attn * scores, d.attn * scores, 4 * scores]
             shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
-        else:  # SDPA math: the pre-softmax product and an s x s float causal mask
+        else:
+            # SDPA math's backward (profiles/j-probe.txt, sdpa and llama): beside the saved softmax,
+            # BmmBackward0's gradient of the probabilities and SafeSoftmaxBackward0's `grad * output`
+            # and result (softmax_backward_cuda_out) are alive at once: three fp32 score tensors.
+            op_scratch["attention"] = [4 * scores, 4 * scores, 4 * scores]
+            # its forward: the pre-softmax product and an s x s float causal mask.  The forward's peak
+            # also holds `_safe_softmax`'s bool `self.eq(-inf)` mask (1 byte per score; j-probe.txt's
+            # forward live-at-peak), but this replay allocates all of a layer's saved tensors before its
+            # transients, so its attention moment already holds what the layer saves after attention;
+            # adding the mask there overshoots the measured forward peak allocated (stages.forward of
+            # j-blind-gaps-004: +1,471 MiB with it, +447 without; -001: +738, +226) and the peaks
+            # (j-004 +4.4% with it, +1.1% without; j-001 +4.1%, +0.9%).
             fwd_scratch = [4 * scores, 4 * setup.seq_len * setup.seq_len]
     if all_moe:
         # the experts replace the dense MLP: grouped_mm_experts_forward's routed copies
@@ -76,7 +88,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]] = []
     saved: list[int] = []
     layer_params: list[Shape] = []
-    adapters: list[int] = []
     for o in la.ops:
         shapes: list[Shape] = []
         for name in o.params:
@@ -102,8 +113,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     if full:
         opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
     else:
-        for grp in lora_groups(arch, targets, setup.lora_rank):
-            adapters.extend([grp.rows * grp.cols * 4] * grp.n)
         opt_params = layer_params * L
 
     copies: list[int] = []
@@ -121,8 +130,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         embed_grad = 0 if arch.tie_embeddings else v * h * g
         tied = v * h * g if arch.tie_embeddings else 0
     return TracePlan(
-        weights=tuple(weights),
-        adapters=tuple(adapters),
+        load=load_script(arch, setup, targets),
         layers=L,
         layer_ops=tuple(ops),
         opt_params=tuple(opt_params),
@@ -151,16 +159,10 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
 
 
 @lru_cache(maxsize=256)
-def _weights(
-    arch: Architecture, method: str, precision: str, double_quant: bool
-) -> tuple[tuple[int, ...], int]:
-    """(every resident weight tensor in load order, the largest dequantized weight): batch-independent."""
+def _dequant(arch: Architecture, method: str, precision: str, double_quant: bool) -> int:
+    """The largest weight bitsandbytes dequantizes for a 4-bit matmul (0 without QLoRA)."""
     setup = TrainingSetup(method, precision=precision, double_quant=double_quant)  # type: ignore[arg-type]
-    groups, dequant = weight_tensors(arch, setup)
-    weights: list[int] = []
-    for nbytes, count in groups:
-        weights.extend([nbytes] * count)
-    return tuple(weights), dequant
+    return weight_tensors(arch, setup)[1]
 
 
 @lru_cache(maxsize=4096)

@@ -10,6 +10,9 @@ NF4_BLOCK = 64
 NF4_DQ_BLOCK = 256
 # `get_4bit_type('nf4')` builds a fresh 16-entry fp32 code tensor per quantized weight.
 NF4_CODE_BYTES = 16 * 4
+# Double quant's `quantize_blockwise(..., nested=False)` keeps `code.to(A.device, copy=True)`, a copy of the
+# 256-entry fp32 dynamic map (`create_dynamic_map`), in every weight's nested QuantState.
+QUANT_MAP_BYTES = 256 * 4
 
 # bitsandbytes 0.50.2 `optim/optimizer.py` Optimizer8bit: states are uint8 with one fp32 absmax per
 # 256-element block (`blocksize=256` in the blockwise update), and tensors with fewer than
@@ -25,8 +28,8 @@ def nf4_tensors(numel: int, double_quant: bool) -> tuple[int, ...]:
     if not double_quant:
         return (packed, blocks * 4, NF4_CODE_BYTES)
     blocks2 = -(-blocks // NF4_DQ_BLOCK)
-    # packed codes, uint8 absmax, fp32 absmax of absmax, fp32 offset, nf4 code table
-    return (packed, blocks, blocks2 * 4, 4, NF4_CODE_BYTES)
+    # packed codes, uint8 absmax, fp32 absmax of absmax, fp32 offset, nf4 code table, dynamic map copy
+    return (packed, blocks, blocks2 * 4, 4, NF4_CODE_BYTES, QUANT_MAP_BYTES)
 
 
 def bnb8_state_tensors(numel: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from app.core.allocsim import AllocatorSim
+from app.core.loading import EMPTY_CACHE
 from app.core.optim import param_state_tensors
 
 try:  # the same replay in C (app/core/_replay.c), built by `pip install` when a compiler is there
@@ -29,8 +30,7 @@ Shape = tuple[int, int]
 class TracePlan:
     """Everything the replay needs, in bytes (already multiplied by the tokens of a micro-batch)."""
 
-    weights: tuple[int, ...]  # resident base weights, load order
-    adapters: tuple[int, ...]  # LoRA A/B tensors created by get_peft_model
+    load: tuple[int, ...]  # the load's allocations and frees (loading.load_script's encoding)
     layers: int
     opt_params: tuple[Shape, ...]  # every trainable tensor, in model.parameters() order
     head_grads: tuple[int, ...]  # grads made at the lm_head backward (lm_head or tied embedding, norm)
@@ -61,23 +61,26 @@ class TracePlan:
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """Replay `steps` training steps; return (peak allocated, peak reserved) in bytes."""
     if _replay is not None:
-        loaded = _loaded_c(plan.weights, plan.adapters, plan.shards)
-        found = _replay.resume(loaded, *_flat(plan)[3:], steps) if loaded is not None else None
+        loaded = _loaded_c(plan.load, plan.shards)
+        found = _replay.resume(loaded, *_flat(plan)[2:], steps) if loaded is not None else None
         if found is not None:  # None: a tensor past the C replay's 64-bit range (absurd requests)
             return found
     return simulate_py(plan, steps)
 
 
 @lru_cache(maxsize=64)
-def _loaded_c(weights: tuple[int, ...], adapters: tuple[int, ...], shards: int) -> object | None:
+def _loaded_c(load: tuple[int, ...], shards: int) -> object | None:
     """The C replay's allocator after loading (as `_loaded`): a new batch shape skips the load's
-    thousand-odd allocations (QLoRA 8B: 1,315) and copies this snapshot instead."""
-    return _replay.load(weights, adapters, shards)
+    thousands of allocations (QLoRA 8B: about 4,000) and copies this snapshot instead."""
+    return _replay.load(load, shards)
 
 
 def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     """The replay in Python (the reference the C replay is tested against)."""
-    sim = _loaded(plan.weights, plan.adapters, plan.shards).copy(keep_live=False)
+    sim = _loaded(plan.load).copy(keep_live=False)
+    # The step's peak allocated (what memory.py's phases are): the load's own peak (FSDP2 holds the
+    # whole model and its first shards) is no part of it; its reserved segments stay counted.
+    sim.peak_allocated = sim.allocated
     tr = _Tracer(sim, plan.shards)
     states, step_temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
     for step in range(steps):
@@ -93,8 +96,10 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
                 temps.append(sim.new(temp))
         sim.free_all(temps)
         sim.free_all(grads)  # zero_grad(set_to_none=True)
-    allocated = sim.peak_allocated + tr.ag.peak_allocated + tr.rs.peak_allocated
-    return allocated, sim.peak_reserved + tr.ag.peak_reserved + tr.rs.peak_reserved
+    tr.fold()
+    # No pool releases a segment during the steps (empty_cache is the load's), so the three pools'
+    # reserved peak together at the end; the default pool's may have peaked alone during the load.
+    return tr.peak, max(sim.peak_reserved, sim.reserved + tr.ag.reserved + tr.rs.reserved)
 
 
 @lru_cache(maxsize=256)
@@ -119,8 +124,7 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         for count, params, grad_in, scratch in plan.layer_ops
     )
     return (
-        plan.weights,
-        plan.adapters,
+        plan.load,
         plan.shards,
         plan.layers,
         ops,
@@ -149,22 +153,23 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
 
 
 @lru_cache(maxsize=64)
-def _loaded(weights: tuple[int, ...], adapters: tuple[int, ...], shards: int) -> AllocatorSim:
-    """The allocator after from_pretrained (and FSDP2's sharding): the same for every batch shape."""
+def _loaded(load: tuple[int, ...]) -> AllocatorSim:
+    """The allocator after the load script (from_pretrained, peft, FSDP2's sharding): the same for
+    every batch shape."""
     sim = AllocatorSim()
-    loaded = [sim.new(nbytes) for nbytes in weights]
-    for nbytes in adapters:
-        sim.new(nbytes)
-    if shards > 1:
-        # every rank loads the whole model, then fully_shard swaps each parameter for its 1/N shard
-        for h, nbytes in zip(loaded, weights, strict=True):
-            sim.new(-(-nbytes // shards))
-            sim.free(h)
+    handles: list[int] = []
+    for op in load:
+        if op >= 0:
+            handles.append(sim.new(op))
+        elif op == EMPTY_CACHE:
+            sim.empty_cache()
+        else:
+            sim.free(handles[-1 - op])
     return sim
 
 
 class _Tracer:
-    __slots__ = ("ag", "ag_held", "rs", "rs_held", "shards", "sim")
+    __slots__ = ("ag", "ag_held", "peak", "rs", "rs_held", "shards", "sim")
 
     def __init__(self, sim: AllocatorSim, shards: int = 1) -> None:
         self.sim = sim
@@ -178,15 +183,29 @@ class _Tracer:
         # `reduce_scatter_state`) until the next collective of the kind, instead of record_stream.
         self.ag_held = -1
         self.rs_held = -1
+        # peak allocated of the three pools together (torch.cuda.max_memory_allocated), folded in
+        # whenever the side pools change: between two changes they are constant
+        self.peak = 0
+
+    def fold(self) -> None:
+        """Fold the default pool's peak since the last fold, beside the side pools, into `peak`."""
+        sim = self.sim
+        total = sim.peak_allocated + self.ag.allocated + self.rs.allocated
+        if total > self.peak:
+            self.peak = total
+        sim.peak_allocated = sim.allocated
 
     def unshard(self, sizes: tuple[int, ...]) -> list[int]:
         """All-gather a module's parameters: flat buffers on the all-gather stream, then copy-out."""
         sim = self.sim
         total = sum(sizes)
         n = sim.handles = sim.handles + 2
+        self.fold()
         self.ag.malloc(n - 1, -(-total // self.shards))
         self.ag.malloc(n, total)
+        self.fold()
         out = [sim.new(b) for b in sizes]
+        self.fold()
         self.ag.free(n - 1)
         if self.ag_held >= 0:
             self.ag.free(self.ag_held)
@@ -198,10 +217,13 @@ class _Tracer:
         sim = self.sim
         total = sum(sizes)
         n = sim.handles = sim.handles + 2
+        self.fold()
         self.rs.malloc(n - 1, total)
         self.rs.malloc(n, -(-total // self.shards))
+        self.fold()
         sim.free_all(grads)
         shards = [sim.new(-(-b // self.shards)) for b in sizes]
+        self.fold()
         self.rs.free(n)
         if self.rs_held >= 0:
             self.rs.free(self.rs_held)

@@ -11,6 +11,7 @@ from app.core import trace
 from app.core.architecture import parse_config
 from app.core.calibration import load_runs, setup_of
 from app.core.fragment import build_plan
+from app.core.loading import EMPTY_CACHE
 from app.core.memory import _shape_key, _single_gpu, _static
 from app.core.setup import TrainingSetup
 from app.core.trace import TracePlan, simulate_py
@@ -23,8 +24,8 @@ def _c(plan: TracePlan) -> tuple[int, int]:
     if trace._replay is None:
         missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
     assert trace._replay is not None
-    loaded = trace._loaded_c(plan.weights, plan.adapters, plan.shards)
-    return trace._replay.resume(loaded, *trace._flat(plan)[3:], 2)
+    loaded = trace._loaded_c(plan.load, plan.shards)
+    return trace._replay.resume(loaded, *trace._flat(plan)[2:], 2)
 
 
 def _plan(a, setup: TrainingSetup) -> TracePlan:  # type: ignore[no-untyped-def]
@@ -75,6 +76,26 @@ _op = st.tuples(
 
 
 @st.composite
+def _load_scripts(draw: st.DrawFn) -> tuple[int, ...]:
+    """A valid load script (loading.py's encoding): allocations, frees of live ones, empty_cache."""
+    ops: list[int] = []
+    live: list[int] = []
+    made = 0
+    for _ in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["alloc", "alloc", "free", "empty"]))
+        if kind == "alloc" or (kind == "free" and not live):
+            ops.append(draw(_size))
+            live.append(made)
+            made += 1
+        elif kind == "free":
+            k = live.pop(draw(st.integers(0, len(live) - 1)))
+            ops.append(-1 - k)
+        else:
+            ops.append(EMPTY_CACHE)
+    return tuple(ops)
+
+
+@st.composite
 def _plans(draw: st.DrawFn) -> TracePlan:
     ops = draw(st.lists(_op, min_size=1, max_size=5))
     saved = draw(st.lists(_size, min_size=sum(o[0] for o in ops), max_size=sum(o[0] for o in ops)))
@@ -83,8 +104,7 @@ def _plans(draw: st.DrawFn) -> TracePlan:
     layer_params = [shape for o in ops for shape in o[1]]
     layers = draw(st.integers(1, 6))
     return TracePlan(
-        weights=draw(_sizes),
-        adapters=draw(_sizes),
+        load=draw(_load_scripts()),
         layers=layers,
         layer_ops=tuple(ops),
         opt_params=tuple(layer_params * layers),
@@ -126,7 +146,7 @@ def test_a_loaded_snapshot_is_never_changed_by_the_replays_resumed_from_it() -> 
     plans = [
         _plan(a, TrainingSetup("qlora", batch_size=b, seq_len=s)) for b, s in ((1, 256), (8, 4096), (3, 1000))
     ]
-    assert len({(p.weights, p.adapters, p.shards) for p in plans}) == 1  # one snapshot serves all three
+    assert len({(p.load, p.shards) for p in plans}) == 1  # one snapshot serves all three
     first = [_c(p) for p in plans]
     assert [_c(p) for p in reversed(plans)] == first[::-1]
     assert first == [simulate_py(p) for p in plans]
