@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from app.core.allocator import block_size
+from app.core.allocator import CUBLAS_WORKSPACE_BYTES, block_size
 from app.core.architecture import Architecture
+from app.core.fragment import fragmentation
 from app.core.optim import optimizer_bytes
-from app.core.params import param_groups, trainable_groups
+from app.core.params import param_groups, trainable_groups, weight_tensors
 from app.core.setup import TrainingSetup
+from app.core.zero_replay import zero_reserved
 
 # engines.deepspeed_config hands these out; DeepSpeed's own defaults differ (stage3.py __init__).
 STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
@@ -61,6 +63,8 @@ class ZeroTerms:
     buckets: int  # ipg reduce buckets
     step_temp: int  # fp32 gradient (sub-)partition and the optimizer's temporaries at step time
     gathered: int  # ZeRO-3: all-gathered parameters kept live (reuse distance, prefetch)
+    reserved: int = 0  # the caching allocator's peak reserved bytes, from replaying ZeRO (zero_replay.py)
+    counted: int = 0  # what memory.py adds outside the phases: weights, adapters, workspaces, fragmentation
 
 
 @lru_cache(maxsize=1024)  # a ranking asks for the same setup once per card
@@ -114,6 +118,12 @@ def zero_terms(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         fp32_grad = block_size(sub * MASTER_BYTES)
         step_temp = max(block_size(sub * t_bytes) + fp32_grad, fp32_grad + sub_temp)
         gathered = _stage3_gathered(arch, lp)
+    # memory.py adds the weights, the adapters, cuBLAS's workspaces and the single-GPU replay's
+    # reserved-but-free bytes (allocator_fragmentation) to the peak phase; ZeRO's own replay says what
+    # the allocator really reserves (apply_zero).
+    weights = sum(block_size(b) * c for b, c in weight_tensors(arch, setup)[0]) // (n if stage == 3 else 1)
+    single = replace(setup, num_gpus=1, parallelism="ddp")
+    counted = weights + adapters + CUBLAS_WORKSPACE_BYTES + fragmentation(arch, single, targets)[2]
     return ZeroTerms(
         stage=stage,
         adapters=adapters,
@@ -125,6 +135,8 @@ def zero_terms(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         buckets=buckets,
         step_temp=step_temp,
         gathered=gathered,
+        reserved=zero_reserved(arch, setup, targets, SUB_GROUP_SIZE, gathered),
+        counted=counted,
     )
 
 
@@ -167,3 +179,11 @@ def apply_zero(phases: dict[str, dict[str, int]], z: ZeroTerms) -> None:
             terms["gathered_params"] = z.gathered
         if name == "optimizer_step":
             terms["optimizer_step_temporaries"] = z.step_temp
+    # ZeRO's whole-partition tensors (flat buffers, fp32 partitions, the step's flat fp32 gradient, AdamW's
+    # states and foreach sqrt) each take a segment of their own that stays reserved, free at the peak of
+    # the forward/backward: what the replay reserves beyond the phases and memory.py's other terms is
+    # kept by ZeRO's buffers (measured: h200-k-zero-2gpu, four part x 4-byte segments in the first step).
+    best = max(sum(terms.values()) for terms in phases.values())
+    cached = max(0, z.reserved - z.counted - best)
+    for terms in phases.values():
+        terms["zero_buckets"] = terms.get("zero_buckets", 0) + cached

@@ -65,6 +65,10 @@ UNEXPLAINED = {
     "j-blind-gaps-011": 0.27,
 }
 WORST_MULTI_GPU = 0.15  # 4 FSDP2 runs within 7% (3 constants fitted on them); 3 DDP, unfitted, 14%
+# DeepSpeed ZeRO's step time is not modelled: the throughput model times zero2 as DDP and zero3 as FSDP, and
+# the six blind runs of h200-k-zero-2gpu ran 1.9-3.0x slower than that for full fine-tuning (+86% to +196%),
+# +8% for LoRA. They are checked apart (test_zero_tokens_per_s_is_not_modelled_yet), not in MULTI.
+ZERO = ("zero2", "zero3")
 
 
 def _runs(multi: bool) -> list[dict]:
@@ -76,6 +80,7 @@ def _runs(multi: bool) -> list[dict]:
                 rec.get("status") == "ok"
                 and rec.get("tokens_per_s")
                 and (int(rec.get("num_gpus", 1)) > 1) == multi
+                and not (multi and rec.get("parallelism") in ZERO)
             ):
                 out.append(rec)
     return out
@@ -147,3 +152,18 @@ def test_tokens_per_s_against_the_multi_gpu_runs() -> None:
 @pytest.mark.skipif(not SINGLE, reason="no measured H200 runs in data/calibration/h200-*.jsonl yet")
 def test_calibration_names_its_runs() -> None:
     assert all(rec["batch"] in CALIBRATION.fitted_on for rec in SINGLE + MULTI)
+
+
+@pytest.mark.xfail(strict=True, reason="DeepSpeed ZeRO step time is not modelled (h200-k-zero-2gpu)")
+def test_zero_tokens_per_s_is_not_modelled_yet() -> None:
+    """Fails while the ZeRO runs are off by more than the multi-GPU bound; passes (and so fails, strict)
+    once the throughput model covers DeepSpeed: then move them into MULTI."""
+    runs = [
+        json.loads(line)
+        for path in sorted((ROOT / "data" / "calibration").glob("h200-*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("parallelism") in ZERO and json.loads(line)["status"] == "ok"
+    ]
+    assert runs
+    errors = _errors(runs)
+    assert all(abs(v) <= WORST_MULTI_GPU for v in errors.values()), errors

@@ -108,3 +108,36 @@ def test_handed_out_configs_match_the_modelled_precision() -> None:
     assert ds.deepspeed_config is not None and ds.deepspeed_config["bf16"]["enabled"] is True
     assert ds.sft_config["model_init_kwargs"]["dtype"] == "bfloat16"
     assert ds.deepspeed_config["zero_optimization"]["stage3_max_reuse_distance"] == 1_000_000_000
+
+
+def test_resolved_config_fills_every_auto_as_hf_trainer() -> None:
+    from app.core.engines import deepspeed_config, resolve_deepspeed_auto
+
+    handed = deepspeed_config(_full("zero3"), 3)
+    cfg = resolve_deepspeed_auto(handed, H, micro_batch=2, num_gpus=N, grad_accum=4)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (2, 4)
+    assert cfg["train_batch_size"] == 2 * 4 * N and cfg["gradient_clipping"] == 1.0
+    z = cfg["zero_optimization"]
+    assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"]) == (H * H, int(0.9 * H * H))
+    assert z["stage3_param_persistence_threshold"] == 10 * H and "auto" not in str(cfg)
+
+
+def test_zero_whole_partition_tensors_keep_segments_of_their_own() -> None:
+    """Every flat ZeRO tensor is larger than any block the forward/backward frees, so the replay reserves
+    the bf16 flat buffer, the fp32 master, both AdamW states, the step's fp32 gradient and AdamW's sqrt
+    side by side (h200-k-zero-2gpu-001: the first step added exactly four part x 4-byte segments)."""
+    from app.core.zero_replay import zero_reserved
+
+    llama1 = arch("llama-3.2-1b")
+    psi = 1_235_814_400
+    part = -(-psi // 4) * 2  # two GPUs
+    setup = TrainingSetup("full", batch_size=4, seq_len=1024, num_gpus=2, parallelism="zero2",
+                          full_model_load_per_gpu=True)
+    reserved = zero_reserved(llama1, setup, frozenset(), 1_000_000_000, 0)
+    assert reserved >= 2 * psi + 5 * 4 * part
+    z = zero_terms(llama1, setup, frozenset())
+    peak = estimate_memory(llama1, setup)
+    assert z.reserved == reserved
+    # the torch part of the peak is the replay's reserved bytes
+    outside = ("cuda_context", "cuda_kernels_and_handles", "nccl_buffers")
+    assert sum(v for k, v in peak.breakdown.items() if k not in outside) == reserved
