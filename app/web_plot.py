@@ -74,7 +74,8 @@ PALETTE_SIZE = 14
 PLACE = (
     "weights", "master_weights", "adapters", "gradients", "optimizer_states", "optimizer_states_paged",
     "optimizer_step_temporaries", "activations", "logits_and_loss", "qlora_dequant_workspace",
-    "autocast_weight_copies", "gathered_params", "ddp_buckets", "zero_buckets", "nccl_buffers",
+    "autocast_weight_copies", "gathered_params", "ddp_buckets", "zero_buckets", "zero_cached_segments",
+    "nccl_buffers",
     "moe_load_cache", "cached_full_model_load", "allocator_fragmentation", "cuda_context",
     "cuda_kernels_and_handles", "library_workspaces",
 )

@@ -308,6 +308,7 @@ def run(inp: EstimateInput) -> EstimateResult:
         )
         assumptions.extend(tp.assumptions)
         warnings.extend(advice.gc_notice(arch, setup, gpu, job, tp.tokens_per_s))
+        warnings.extend(advice.zero_speed_notice(setup))
         if sched is not None:
             jt = job_time(sched, tp.tokens_per_s)
             time = TimeResult(

@@ -186,4 +186,4 @@ def apply_zero(phases: dict[str, dict[str, int]], z: ZeroTerms) -> None:
     best = max(sum(terms.values()) for terms in phases.values())
     cached = max(0, z.reserved - z.counted - best)
     for terms in phases.values():
-        terms["zero_buckets"] = terms.get("zero_buckets", 0) + cached
+        terms["zero_cached_segments"] = cached

@@ -141,3 +141,16 @@ def test_zero_whole_partition_tensors_keep_segments_of_their_own() -> None:
     # the torch part of the peak is the replay's reserved bytes
     outside = ("cuda_context", "cuda_kernels_and_handles", "nccl_buffers")
     assert sum(v for k, v in peak.breakdown.items() if k not in outside) == reserved
+
+
+def test_zero_full_fine_tuning_says_its_speed_is_not_modelled() -> None:
+    from app.core.advice import zero_speed_notice
+
+    assert [n.code for n in zero_speed_notice(_full("zero3"))] == ["zero_speed_unmodelled"]
+    assert zero_speed_notice(_full("ddp")) == ()
+    assert zero_speed_notice(TrainingSetup("lora", num_gpus=N, parallelism="zero2")) == ()  # LoRA: +8%
+
+
+def test_zero_keeps_its_cached_segments_under_their_own_name() -> None:
+    b = estimate_memory(LLAMA8, _full("zero2")).breakdown
+    assert b["zero_cached_segments"] > 0 and b.get("zero_buckets", 0) in (0, 2 * 2 * H * H)
