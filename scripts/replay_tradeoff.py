@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core import fragment, memory  # noqa: E402
 from app.core.calibration import Comparison, compare, load_runs  # noqa: E402
-from app.core.memory import estimate_memory  # noqa: E402
-from app.core.setup import TrainingSetup  # noqa: E402
-from scripts.bench_core import _model, clear_core_caches  # noqa: E402
+from scripts.bench_core import _model, cold  # noqa: E402
 
 
 def _summary(errors: list[float]) -> str:
@@ -62,30 +59,18 @@ def _scaled(c: Comparison, k: float) -> float:
 
 
 def _timing(clear_each: bool) -> None:
-    """Median microseconds of estimate_memory on new shapes, with the replay and with a stub for it."""
+    """Median microseconds of bench_core's cold estimates, with the replay and with a stub for it."""
     llama = _model("llama-3.1-8b")
     real = fragment.simulate
-    medians = []
-    for stub in (False, True):
-        clear_core_caches()
-        times = []
-        for b in (1, 2, 3, 4, 5, 6, 7, 8):
-            for s in (256, 512, 1000, 2048, 4096):
-                if clear_each:
-                    clear_core_caches()
-                if stub:  # a zero-cost stand-in for the replay isolates its share
-                    fragment.simulate = lambda plan, steps=2: (0, 0)
-                setup = TrainingSetup("qlora", batch_size=b, seq_len=s)
-                try:
-                    t0 = time.perf_counter()
-                    estimate_memory(llama, setup)
-                    times.append((time.perf_counter() - t0) * 1e6)
-                finally:
-                    fragment.simulate = real
-        medians.append(statistics.median(times))
+    with_replay = statistics.median(cold(llama, clear_each))
+    fragment.simulate = lambda plan, steps=2: (0, 0)  # a zero-cost stand-in isolates the replay's share
+    try:
+        stubbed = statistics.median(cold(llama, clear_each))
+    finally:
+        fragment.simulate = real
     label = "every core cache cleared" if clear_each else "new batch x seq, model seen"
-    print(f"cold estimate ({label}), llama-3.1-8b qlora: median {medians[0]:.0f} us, ", end="")
-    print(f"replay stubbed {medians[1]:.0f} us")
+    print(f"cold estimate ({label}), llama-3.1-8b qlora: median {with_replay:.0f} us, ", end="")
+    print(f"replay stubbed {stubbed:.0f} us")
 
 
 if __name__ == "__main__":

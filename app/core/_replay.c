@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -384,7 +385,8 @@ typedef struct {
         logits, logits_fp32, vocab_fp32, dequant;
 } Plan;
 
-static int to_arr(PyObject *obj, Arr *out) {
+/* A sequence of ints into `out`: each at most MAX_TENSOR and at least `low`, else TOO_BIG. */
+static int to_ints(PyObject *obj, Arr *out, long long low) {
     PyObject *seq = PySequence_Fast(obj, "expected a sequence of ints");
     if (!seq) return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -402,7 +404,7 @@ static int to_arr(PyObject *obj, Arr *out) {
             Py_DECREF(seq);
             return -1;
         }
-        if (overflow || x < 0 || x > MAX_TENSOR) {
+        if (overflow || x < low || x > MAX_TENSOR) {
             Py_DECREF(seq);
             return TOO_BIG;
         }
@@ -412,34 +414,11 @@ static int to_arr(PyObject *obj, Arr *out) {
     return 0;
 }
 
-/* A load script: sizes up to MAX_TENSOR (else TOO_BIG) and negative ops (frees, EMPTY_CACHE). */
-static int to_script(PyObject *obj, Arr *out) {
-    PyObject *seq = PySequence_Fast(obj, "expected a sequence of ints");
-    if (!seq) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    out->n = n;
-    out->v = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
-    if (!out->v) {
-        Py_DECREF(seq);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int overflow = 0;
-        long long x = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(seq, i), &overflow);
-        if (x == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return -1;
-        }
-        if (overflow || x > MAX_TENSOR) {
-            Py_DECREF(seq);
-            return TOO_BIG;
-        }
-        out->v[i] = (int64_t)x;
-    }
-    Py_DECREF(seq);
-    return 0;
-}
+/* Tensor sizes: 0 to MAX_TENSOR. */
+static int to_arr(PyObject *obj, Arr *out) { return to_ints(obj, out, 0); }
+
+/* A load script: sizes up to MAX_TENSOR and negative ops (frees, EMPTY_CACHE). */
+static int to_script(PyObject *obj, Arr *out) { return to_ints(obj, out, LLONG_MIN); }
 
 /* ---- the tracer (trace._Tracer and trace._forward_backward) ---- */
 

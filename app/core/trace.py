@@ -157,15 +157,20 @@ def _loaded(load: tuple[int, ...]) -> AllocatorSim:
     """The allocator after the load script (from_pretrained, peft, FSDP2's sharding): the same for
     every batch shape."""
     sim = AllocatorSim()
-    handles: list[int] = []
-    for op in load:
+    run_script(sim, [], load)
+    return sim
+
+
+def run_script(sim: AllocatorSim, handles: list[int], ops: tuple[int, ...]) -> None:
+    """Play load-script ops on `sim`: a size allocates (its handle appended to `handles`), -1 - i frees
+    the i-th handle, EMPTY_CACHE releases the free segments."""
+    for op in ops:
         if op >= 0:
             handles.append(sim.new(op))
         elif op == EMPTY_CACHE:
             sim.empty_cache()
         else:
             sim.free(handles[-1 - op])
-    return sim
 
 
 class _Tracer:

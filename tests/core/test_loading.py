@@ -23,6 +23,7 @@ from app.core.loading import (
 )
 from app.core.memory import _shape_key, _single_gpu, _static
 from app.core.setup import TrainingSetup
+from app.core.trace import run_script
 from tests.core.helpers import arch
 
 RUNS = load_runs()
@@ -34,13 +35,7 @@ def _replay(stages: tuple[tuple[int, ...], ...]) -> list[tuple[int, int]]:
     handles: list[int] = []
     out = []
     for stage in stages:
-        for op in stage:
-            if op >= 0:
-                handles.append(sim.new(op))
-            elif op == EMPTY_CACHE:
-                sim.empty_cache()
-            else:
-                sim.free(handles[-1 - op])
+        run_script(sim, handles, stage)
         out.append((sim.reserved, sim.peak_reserved))
     return out
 
