@@ -382,7 +382,7 @@ typedef struct {
     Op *ops;
     int64_t n_ops;
     int64_t shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden,
-        logits, logits_fp32, vocab_fp32, dequant;
+        logits, logits_fp32, vocab_fp32, dequant, softcap;
 } Plan;
 
 /* A sequence of ints into `out`: each at most MAX_TENSOR and at least `low`, else TOO_BIG. */
@@ -527,6 +527,14 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     new_all(t, &p->final_saved, &l->final);
     int64_t head_copy = p->head_copy ? sim_new(sim, p->head_copy) : 0;
     int64_t logits = sim_new(sim, p->logits);
+    int64_t tanh_out = 0;
+    if (p->softcap) { /* Gemma 2's final logit softcapping: / cap, tanh (saves its result), * cap */
+        int64_t scaled = sim_new(sim, p->logits);
+        sim_free(sim, logits);
+        tanh_out = sim_new(sim, p->logits);
+        sim_free(sim, scaled);
+        logits = sim_new(sim, p->logits);
+    }
     int64_t up = p->logits_fp32 ? sim_new(sim, p->logits_fp32) : 0;
     int64_t lsm = sim_new(sim, p->vocab_fp32);
     if (up) sim_free(sim, up);
@@ -540,6 +548,15 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     if (p->logits_fp32) {
         g_logits = sim_new(sim, p->logits);
         sim_free(sim, g_in);
+    }
+    if (tanh_out) { /* backward through * cap, tanh (its saved result released after) and / cap */
+        int64_t g_tanh = sim_new(sim, p->logits);
+        sim_free(sim, g_logits);
+        int64_t g_scaled = sim_new(sim, p->logits);
+        sim_free(sim, g_tanh);
+        sim_free(sim, tanh_out);
+        g_logits = sim_new(sim, p->logits);
+        sim_free(sim, g_scaled);
     }
     new_all(t, &p->head_grads, grads);
     int64_t g_hidden = sim_new(sim, p->hidden);
@@ -731,11 +748,12 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
         *final_saved, *shared, *layer_weights, *root_weights;
     long long layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
         logits_fp32, vocab_fp32, dequant;
-    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOL", &layers, &ops, &opt_states, &opt_temps,
+    long long softcap;
+    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLL", &layers, &ops, &opt_states, &opt_temps,
                               &adafactor, &head_grads, &embed_grad, &tied, &layer_saved, &layer_transient,
                               &layer_copies, &head_copy, &cache_copies, &checkpoint, &final_saved, &hidden,
                               &logits, &logits_fp32, &vocab_fp32, &shared, &dequant, &layer_weights,
-                              &root_weights, steps);
+                              &root_weights, &softcap, steps);
     if (!ok) {
         Py_DECREF(rest);
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
@@ -754,6 +772,7 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     p->logits_fp32 = logits_fp32;
     p->vocab_fp32 = vocab_fp32;
     p->dequant = dequant;
+    p->softcap = softcap;
     int rc;
     if ((rc = parse_ops(ops, p)) || (rc = to_arr(opt_states, &p->opt_states)) ||
         (rc = to_arr(opt_temps, &p->opt_temps)) || (rc = to_arr(head_grads, &p->head_grads)) ||

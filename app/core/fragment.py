@@ -155,6 +155,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         shards=setup.num_gpus if setup.parallelism == "fsdp" else 1,
         layer_weights=tuple(layer_weights),
         root_weights=tuple(root_weights),
+        softcap=arch.final_logit_softcapping is not None,
     )
 
 

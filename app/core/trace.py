@@ -56,6 +56,7 @@ class TracePlan:
     shards: int = 1  # FSDP2 ranks: parameters, gradients and optimizer states are sharded this many ways
     layer_weights: tuple[int, ...] = ()  # one layer's unsharded weight tensors (FSDP all-gathers them)
     root_weights: tuple[int, ...] = ()  # embedding / final norm / lm_head, unsharded by the root
+    softcap: bool = False  # final logit softcapping (Gemma 2): logits / cap, tanh, * cap
 
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
@@ -149,6 +150,7 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         plan.dequant,
         plan.layer_weights,
         plan.root_weights,
+        int(plan.softcap),
     )
 
 
@@ -271,6 +273,16 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     final = [new(n) for n in plan.final_saved]
     head_copy = new(plan.head_copy) if plan.head_copy else 0
     logits = new(plan.logits)
+    tanh_out = 0
+    if plan.softcap:
+        # transformers' Gemma2ForCausalLM: `logits / cap` (DivBackward0 by a scalar saves nothing), tanh
+        # (TanhBackward0 saves its result), `* cap` (the model output): three more logits-sized tensors,
+        # one of them kept until the backward (measured: l-blind-load-001, Gemma-2-9B).
+        scaled = new(plan.logits)
+        free(logits)
+        tanh_out = new(plan.logits)
+        free(scaled)
+        logits = new(plan.logits)
     up = new(plan.logits_fp32) if plan.logits_fp32 else 0
     lsm = new(plan.vocab_fp32)
     if up:
@@ -286,6 +298,14 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
     if plan.logits_fp32:
         g_logits = new(plan.logits)
         free(g_in)
+    if tanh_out:  # backward through `* cap`, tanh (then its saved result is released) and `/ cap`
+        g_tanh = new(plan.logits)
+        free(g_logits)
+        g_scaled = new(plan.logits)
+        free(g_tanh)
+        free(tanh_out)
+        g_logits = new(plan.logits)
+        free(g_scaled)
     grads = [new(n) for n in plan.head_grads]
     g_hidden = new(plan.hidden)
     free(g_logits)

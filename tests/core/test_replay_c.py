@@ -129,6 +129,7 @@ def _plans(draw: st.DrawFn) -> TracePlan:
         shards=shards,
         layer_weights=draw(_sizes) if shards > 1 else (),
         root_weights=draw(_sizes) if shards > 1 else (),
+        softcap=draw(st.booleans()),
     )
 
 
