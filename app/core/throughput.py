@@ -155,7 +155,9 @@ CALIBRATION = Calibration(
         "h200-h-repeats (4 repeated setups and a bf16 twin), "
         "h200-i-fit-limit (2 runs at 126/139 GiB of the H200 and one out of memory), "
         "h200-j-blind-gaps (21 runs predicted before they ran: Qwen3 dense, 8-bit/paged/SGD/Adafactor "
-        "LoRA and QLoRA, fp32 and amp_fp16 LoRA, eager at 4096)"
+        "LoRA and QLoRA, fp32 and amp_fp16 LoRA, eager at 4096), "
+        "h200-l-blind-load (8 common setups predicted before they ran: Gemma-2-9B, Mistral-7B, "
+        "Qwen2.5-7B/14B, Llama-3.2-3B/3.1-8B, Phi-3-mini, Gemma-3-4B)"
     ),
 )
 
