@@ -32,6 +32,7 @@ def clear_core_caches() -> None:
     """Forget every per-process cache of the core (replays, static terms, loaded weights, work)."""
     fragment.fragmentation.cache_clear()
     fragment._dequant.cache_clear()
+    fragment._param_shapes.cache_clear()
     loading._stages.cache_clear()
     loading._script.cache_clear()
     loading.model_tensors.cache_clear()
@@ -40,6 +41,8 @@ def clear_core_caches() -> None:
     loading._checkpoint_order.cache_clear()
     memory._static.cache_clear()
     memory._shape_key.cache_clear()
+    act._shape_of.cache_clear()
+    act._dtypes.cache_clear()
     act.layer_activations.cache_clear()
     memory._single_gpu.cache_clear()
     zero.zero_terms.cache_clear()
@@ -47,6 +50,7 @@ def clear_core_caches() -> None:
     trace._loaded.cache_clear()
     trace._loaded_c.cache_clear()
     trace._optimizer_tensors.cache_clear()
+    trace._grad_bytes.cache_clear()
     params.param_groups.cache_clear()
     throughput._work.cache_clear()
 

@@ -12,6 +12,10 @@
  * The load (loading.py) comes as a script: n >= 0 allocates n bytes (the script's k-th allocation is
  * allocation k), -1 - k frees allocation k, EMPTY_CACHE calls empty_cache.
  */
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC turns the bins' few-entry shifts into memmove calls, which cost more than the moves */
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
@@ -48,20 +52,34 @@ typedef struct {
 } Block;
 
 
+/* A handle's allocation: its bytes and its block id, SMALL_LIVE or NOT_LIVE. */
+typedef struct {
+    int64_t size;
+    int64_t block;
+} Live;
+
+/* A free block in its bin: its key inline (a search reads no Block) and its id. */
+typedef struct {
+    int64_t size, addr;
+    int64_t id;
+} Free;
+
 typedef struct {
     Block *blocks;
     int32_t n_blocks, cap_blocks;
     int32_t *spare_ids; /* ids of merged-away blocks, reused */
     int32_t n_spare, cap_spare;
-    /* ids of the free blocks in size bins (4 per power of two), each sorted by (size, addr): every
-     * size in a bin is below every size in the next, so the best fit is the first block of at least
-     * the request's size in its own bin, else the first block of the next non-empty bin */
-    int32_t *bin[NBINS];
+    /* the free blocks in size bins (4 per power of two), each sorted by (size, addr): every size in a
+     * bin is below every size in the next, so the best fit is the first block of at least the
+     * request's size in its own bin, else the first block of the next non-empty bin */
+    Free *bin[NBINS];
     int32_t bin_n[NBINS], bin_cap[NBINS];
     uint64_t nonempty[(NBINS + 63) / 64];
-    int32_t *live_block; /* per handle: block id, SMALL_LIVE or NOT_LIVE */
-    int64_t *live_size;
+    Live *live; /* per handle - base */
     int64_t cap_live;
+    /* the replay's handles start after the load's, which it never frees (the load's live blocks are
+     * walls), so the per-handle arrays start at `base`; entries up to handle `hi` are set */
+    int64_t base, hi;
     int64_t top, handles, allocated, reserved, peak_allocated, peak_reserved, small, small_peak;
     int err;
 } Sim;
@@ -84,8 +102,8 @@ static int grow32(void **ptr, int32_t *cap, int64_t need, size_t elem) {
     return 0;
 }
 
-static void vec_push(Vec *v, int64_t x, int *err) {
-    if (grow((void **)&v->d, &v->d_cap, v->d_len + 1, sizeof(int64_t))) {
+static inline void vec_push(Vec *v, int64_t x, int *err) {
+    if (v->d_len == v->d_cap && grow((void **)&v->d, &v->d_cap, v->d_len + 1, sizeof(int64_t))) {
         *err = 1;
         return;
     }
@@ -100,42 +118,53 @@ static int size_bin(int64_t size) {
     return 4 * lg + sub; /* size <= 2^41 by MAX_TENSOR and segment rounding: below NBINS */
 }
 
-/* Index in bin `b` of the first block whose (size, addr) is not below (size, addr). */
-static int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
+/* Index in bin `b` of the first block whose (size, addr) is not below (size, addr).  Bins hold a few
+ * blocks (a handful in a QLoRA step, up to some hundred in full fine-tuning): a binary search down
+ * to eight, then a scan. */
+static inline int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
+    const Free *f = s->bin[b];
     int64_t lo = 0, hi = s->bin_n[b];
-    const int32_t *ids = s->bin[b];
-    const Block *bl = s->blocks;
-    while (lo < hi) {
+    while (hi - lo > 8) {
         int64_t mid = (lo + hi) / 2;
-        const Block *e = &bl[ids[mid]];
-        if (e->size < size || (e->size == size && e->addr < addr)) lo = mid + 1;
+        if (f[mid].size < size || (f[mid].size == size && f[mid].addr < addr)) lo = mid + 1;
         else hi = mid;
     }
+    while (lo < hi && (f[lo].size < size || (f[lo].size == size && f[lo].addr < addr))) lo++;
     return lo;
 }
 
-static void free_insert(Sim *s, int32_t id) {
-    int b = size_bin(s->blocks[id].size);
-    if (grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(int32_t))) {
+/* Block `id` (of `size` bytes at `addr`, passed in: reading back the Block just written stalls the
+ * load on those stores) into its bin. */
+static inline void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
+    int b = size_bin(size);
+    if (s->bin_n[b] == s->bin_cap[b] &&
+        grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
         s->err = 1;
         return;
     }
-    int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
-    memmove(&s->bin[b][i + 1], &s->bin[b][i], (size_t)(s->bin_n[b] - i) * sizeof(int32_t));
-    s->bin[b][i] = id;
+    int64_t i = lower_bound(s, b, size, addr);
+    Free *f = s->bin[b];
+    if (s->bin_n[b] - i > 4) memmove(&f[i + 1], &f[i], (size_t)(s->bin_n[b] - i) * sizeof(Free));
+    else for (int64_t j = s->bin_n[b]; j > i; j--) f[j] = f[j - 1];
+    f[i].size = size;
+    f[i].addr = addr;
+    f[i].id = id;
     s->bin_n[b]++;
     s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-static void free_remove_at(Sim *s, int b, int64_t i) {
-    memmove(&s->bin[b][i], &s->bin[b][i + 1], (size_t)(s->bin_n[b] - i - 1) * sizeof(int32_t));
-    if (--s->bin_n[b] == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
+static inline void free_remove_at(Sim *s, int b, int64_t i) {
+    Free *f = s->bin[b];
+    int64_t n = --s->bin_n[b];
+    if (n - i > 4) memmove(&f[i], &f[i + 1], (size_t)(n - i) * sizeof(Free));
+    else for (int64_t j = i; j < n; j++) f[j] = f[j + 1];
+    if (n == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
-static void free_remove(Sim *s, int32_t id) {
+static inline void free_remove(Sim *s, int32_t id) {
     int b = size_bin(s->blocks[id].size);
     int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
-    if (i >= s->bin_n[b] || s->bin[b][i] != id) {
+    if (i >= s->bin_n[b] || s->bin[b][i].id != id) {
         s->err = 2;
         return;
     }
@@ -144,11 +173,14 @@ static void free_remove(Sim *s, int32_t id) {
 
 /* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
  * out of the bins; NO_BLOCK when none is that large. */
-static int32_t take_best_fit(Sim *s, int64_t size) {
+static inline int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
     int b = size_bin(size);
     int64_t i = lower_bound(s, b, size, -1);
     if (i < s->bin_n[b]) {
-        int32_t id = s->bin[b][i];
+        const Free *f = &s->bin[b][i];
+        int32_t id = (int32_t)f->id;
+        *bsize = f->size;
+        *baddr = f->addr;
         free_remove_at(s, b, i);
         return id;
     }
@@ -157,7 +189,10 @@ static int32_t take_best_fit(Sim *s, int64_t size) {
         if (w == (b + 1) / 64) bits &= ~(uint64_t)0 << ((b + 1) % 64);
         if (bits) {
             int nb = 64 * w + __builtin_ctzll(bits);
-            int32_t id = s->bin[nb][0];
+            const Free *f = &s->bin[nb][0];
+            int32_t id = (int32_t)f->id;
+            *bsize = f->size;
+            *baddr = f->addr;
             free_remove_at(s, nb, 0);
             return id;
         }
@@ -193,18 +228,24 @@ static void block_drop(Sim *s, int32_t id) {
     s->spare_ids[s->n_spare++] = id;
 }
 
-static void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
-    if (handle >= s->cap_live) {
-        int64_t old = s->cap_live, cap_b = s->cap_live;
-        if (grow((void **)&s->live_block, &cap_b, handle + 1, sizeof(int32_t)) ||
-            grow((void **)&s->live_size, &s->cap_live, handle + 1, sizeof(int64_t))) {
+static inline void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
+    int64_t i = handle - s->base;
+    if (i < 0) {
+        s->err = 3;
+        return;
+    }
+    if (i >= s->cap_live) {
+        if (grow((void **)&s->live, &s->cap_live, i + 1, sizeof(Live))) {
             s->err = 1;
             return;
         }
-        for (int64_t i = old; i < s->cap_live; i++) s->live_block[i] = NOT_LIVE;
     }
-    s->live_block[handle] = block;
-    s->live_size[handle] = size;
+    /* handles skipped (another pool's, FSDP's) are not live here; the buffers are reused between
+     * replays, so every entry up to `hi` is written before it is read */
+    for (int64_t j = s->hi + 1 - s->base; j < i; j++) s->live[j].block = NOT_LIVE;
+    if (handle > s->hi) s->hi = handle;
+    s->live[i].size = size;
+    s->live[i].block = block;
 }
 
 static void sim_reserve(Sim *s, int64_t bytes) {
@@ -213,7 +254,7 @@ static void sim_reserve(Sim *s, int64_t bytes) {
 }
 
 /* AllocatorSim.new */
-static int64_t sim_new(Sim *s, int64_t nbytes) {
+static inline int64_t sim_new(Sim *s, int64_t nbytes) {
     int64_t handle = ++s->handles;
     int64_t size = nbytes > MIN_BLOCK ? ceil_div(nbytes, MIN_BLOCK) * MIN_BLOCK : MIN_BLOCK;
     s->allocated += size;
@@ -228,25 +269,24 @@ static int64_t sim_new(Sim *s, int64_t nbytes) {
         live_set(s, handle, SMALL_LIVE, size);
         return handle;
     }
-    int32_t id = take_best_fit(s, size);
-    int64_t bsize;
-    if (id != NO_BLOCK) {
-        bsize = s->blocks[id].size;
-    } else {
+    int64_t bsize = 0, addr = 0;
+    int32_t id = take_best_fit(s, size, &bsize, &addr);
+    if (id == NO_BLOCK) {
         bsize = size < MIN_LARGE_ALLOC ? LARGE_BUFFER : ceil_div(size, ROUND_LARGE) * ROUND_LARGE;
-        id = block_new(s, s->top, bsize, NO_BLOCK, NO_BLOCK, 0);
+        addr = s->top;
+        id = block_new(s, addr, bsize, NO_BLOCK, NO_BLOCK, 0);
         if (id == NO_BLOCK) return handle;
         s->top += bsize;
         sim_reserve(s, bsize);
     }
     if (bsize - size > SMALL_SIZE) {
         int32_t next = s->blocks[id].next;
-        int32_t rest = block_new(s, s->blocks[id].addr + size, bsize - size, id, next, 1);
+        int32_t rest = block_new(s, addr + size, bsize - size, id, next, 1);
         if (rest == NO_BLOCK) return handle;
         s->blocks[id].size = size;
         s->blocks[id].next = rest;
         if (next != NO_BLOCK) s->blocks[next].prev = rest;
-        free_insert(s, rest);
+        free_insert(s, rest, bsize - size, addr + size);
     }
     s->blocks[id].is_free = 0;
     live_set(s, handle, id, size);
@@ -260,14 +300,15 @@ static void sim_malloc(Sim *s, int64_t handle, int64_t nbytes) {
 }
 
 /* AllocatorSim.free */
-static void sim_free(Sim *s, int64_t handle) {
-    if (handle < 0 || handle >= s->cap_live || s->live_block[handle] == NOT_LIVE) {
+static inline void sim_free(Sim *s, int64_t handle) {
+    int64_t i = handle - s->base;
+    if (i < 0 || handle > s->hi || s->live[i].block == NOT_LIVE) {
         s->err = 3;
         return;
     }
-    int32_t id = s->live_block[handle];
-    int64_t size = s->live_size[handle];
-    s->live_block[handle] = NOT_LIVE;
+    int32_t id = (int32_t)s->live[i].block;
+    int64_t size = s->live[i].size;
+    s->live[i].block = NOT_LIVE;
     s->allocated -= size;
     if (id == SMALL_LIVE) {
         s->small -= size;
@@ -294,7 +335,7 @@ static void sim_free(Sim *s, int64_t handle) {
     }
     blocks[id].size = bsize;
     blocks[id].is_free = 1;
-    free_insert(s, id);
+    free_insert(s, id, bsize, blocks[id].addr);
 }
 
 /* AllocatorSim.empty_cache: release every large segment that is one free block (no neighbours);
@@ -303,13 +344,13 @@ static void sim_empty_cache(Sim *s) {
     for (int b = 0; b < NBINS; b++) {
         int32_t kept = 0;
         for (int32_t i = 0; i < s->bin_n[b]; i++) {
-            int32_t id = s->bin[b][i];
+            int32_t id = (int32_t)s->bin[b][i].id;
             Block *bl = &s->blocks[id];
             if (bl->prev == NO_BLOCK && bl->next == NO_BLOCK) {
                 s->reserved -= bl->size;
                 block_drop(s, id);
             } else {
-                s->bin[b][kept++] = id;
+                s->bin[b][kept++] = s->bin[b][i];
             }
         }
         s->bin_n[b] = kept;
@@ -321,47 +362,87 @@ static void sim_release(Sim *s) {
     free(s->blocks);
     free(s->spare_ids);
     for (int b = 0; b < NBINS; b++) free(s->bin[b]);
-    free(s->live_block);
-    free(s->live_size);
+    free(s->live);
 }
 
-/* A deep copy of `src` into the zeroed `dst` (the loaded-model snapshot each replay starts from);
- * -1 when out of memory (dst is then released). */
-static int sim_clone(Sim *dst, const Sim *src) {
-    *dst = *src;
-    dst->blocks = NULL;
-    dst->spare_ids = NULL;
-    dst->live_block = NULL;
-    dst->live_size = NULL;
-    memset(dst->bin, 0, sizeof(dst->bin));
-    int fail = 0;
-    dst->cap_blocks = src->n_blocks > 0 ? src->n_blocks : 1;
-    dst->blocks = (Block *)malloc((size_t)dst->cap_blocks * sizeof(Block));
-    dst->cap_spare = src->n_spare > 0 ? src->n_spare : 1;
-    dst->spare_ids = (int32_t *)malloc((size_t)dst->cap_spare * sizeof(int32_t));
-    int64_t cap_live = src->cap_live > 0 ? src->cap_live : 1;
-    dst->live_block = (int32_t *)malloc((size_t)cap_live * sizeof(int32_t));
-    dst->live_size = (int64_t *)malloc((size_t)cap_live * sizeof(int64_t));
-    fail = !dst->blocks || !dst->spare_ids || !dst->live_block || !dst->live_size;
-    for (int b = 0; b < NBINS && !fail; b++) {
-        dst->bin_cap[b] = src->bin_n[b];
-        if (!src->bin_n[b]) continue;
-        dst->bin[b] = (int32_t *)malloc((size_t)src->bin_n[b] * sizeof(int32_t));
-        if (!dst->bin[b]) fail = 1;
-        else memcpy(dst->bin[b], src->bin[b], (size_t)src->bin_n[b] * sizeof(int32_t));
-    }
-    if (fail) {
-        sim_release(dst);
+/* An empty allocator whose first handle will be `base`, keeping `s`'s buffers (a replay reuses the
+ * previous one's memory: no allocation, and it is still in the cache). */
+static void sim_reset(Sim *s, int64_t base) {
+    memset(s->bin_n, 0, sizeof(s->bin_n));
+    memset(s->nonempty, 0, sizeof(s->nonempty));
+    s->n_blocks = s->n_spare = 0;
+    s->base = base;
+    s->hi = base - 1;
+    s->top = s->handles = s->allocated = s->reserved = s->peak_allocated = s->peak_reserved = 0;
+    s->small = s->small_peak = 0;
+    s->err = 0;
+}
+
+/* The loaded model as the steps see it.  The steps never free a load's allocation, so a live block
+ * of the load only ever stops a free neighbour from merging, as a segment's end does; segments
+ * without a free block never change.  What is kept is the free blocks (each between two walls, as
+ * free neighbours merge) sorted by (size, address), and the counters. */
+typedef struct {
+    int64_t n_free;
+    int64_t *size, *addr;
+    int64_t top, handles, allocated, reserved, peak_reserved, small, small_peak, shards;
+} Loaded;
+
+static void loaded_release(Loaded *ld) {
+    free(ld->size);
+    free(ld->addr);
+}
+
+/* `ld` from the allocator after the load: 0, or -1 when out of memory. */
+static int snapshot(Loaded *ld, const Sim *s) {
+    int64_t n = 0;
+    for (int b = 0; b < NBINS; b++) n += s->bin_n[b];
+    ld->n_free = n;
+    ld->size = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    ld->addr = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!ld->size || !ld->addr) {
+        loaded_release(ld);
         return -1;
     }
-    if (src->n_blocks) memcpy(dst->blocks, src->blocks, (size_t)src->n_blocks * sizeof(Block));
-    if (src->n_spare) memcpy(dst->spare_ids, src->spare_ids, (size_t)src->n_spare * sizeof(int32_t));
-    if (src->cap_live) {
-        memcpy(dst->live_block, src->live_block, (size_t)src->cap_live * sizeof(int32_t));
-        memcpy(dst->live_size, src->live_size, (size_t)src->cap_live * sizeof(int64_t));
+    n = 0;
+    for (int b = 0; b < NBINS; b++) { /* bins in size order, each sorted: (size, address) order */
+        for (int32_t i = 0; i < s->bin_n[b]; i++, n++) {
+            ld->size[n] = s->bin[b][i].size;
+            ld->addr[n] = s->bin[b][i].addr;
+        }
     }
-    dst->cap_live = src->cap_live;
+    ld->top = s->top;
+    ld->handles = s->handles;
+    ld->allocated = s->allocated;
+    ld->reserved = s->reserved;
+    ld->peak_reserved = s->peak_reserved;
+    ld->small = s->small;
+    ld->small_peak = s->small_peak;
     return 0;
+}
+
+/* `s` (reset) as the snapshot's allocator: its free blocks with no neighbours, the load's handles gone. */
+static void sim_restore(Sim *s, const Loaded *ld) {
+    sim_reset(s, ld->handles + 1);
+    s->top = ld->top;
+    s->handles = ld->handles;
+    s->allocated = s->peak_allocated = ld->allocated; /* the step's peak allocated, as trace.simulate_py */
+    s->reserved = ld->reserved;
+    s->peak_reserved = ld->peak_reserved;
+    s->small = ld->small;
+    s->small_peak = ld->small_peak;
+    for (int64_t i = 0; i < ld->n_free && !s->err; i++) {
+        int32_t id = block_new(s, ld->addr[i], ld->size[i], NO_BLOCK, NO_BLOCK, 1);
+        int b = size_bin(ld->size[i]);
+        /* appended in (size, address) order: each bin stays sorted */
+        if (id == NO_BLOCK ||
+            grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
+            s->err = 1;
+            return;
+        }
+        s->bin[b][s->bin_n[b]++] = (Free){ld->size[i], ld->addr[i], id};
+        s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
+    }
 }
 
 /* ---- the plan, as int64 arrays ---- */
@@ -480,6 +561,9 @@ typedef struct {
     Vec root, shared, inputs, saved, copies, cache, unsharded, cp, layer, tmp, final, layer_grads,
         layer_grad_sizes, head, head_sizes, scratch;
 } Lists;
+
+/* Entries a workspace keeps between replays; a larger one (an absurd plan) is given back. */
+#define WORKSPACE_KEPT ((int64_t)1 << 20)
 
 static void lists_release(Lists *l) {
     Vec *all[] = {&l->root,  &l->shared,      &l->inputs,           &l->saved, &l->copies, &l->cache,
@@ -663,10 +747,10 @@ static void load(Sim *sim, const Arr *script) {
 
 /* The training steps, from the loaded state in t->sim. */
 static void run(const Plan *p, int64_t steps, Tracer *t) {
+    /* the lists are reused between replays (forward_backward empties each before use) */
+    static Vec grads = {0, 0, NULL}, temps = {0, 0, NULL};
+    static Lists l;
     Sim *sim = &t->sim;
-    Vec grads = {0, 0, NULL}, temps = {0, 0, NULL};
-    Lists l;
-    memset(&l, 0, sizeof(l));
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
         forward_backward(p, t, &l, &grads);
         if (ERR(t)) break;
@@ -682,9 +766,13 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
         free_all(sim, temps.d, temps.d_len);
         free_all(sim, grads.d, grads.d_len);
     }
-    free(grads.d);
-    free(temps.d);
-    lists_release(&l);
+    if (grads.d_cap > WORKSPACE_KEPT || temps.d_cap > WORKSPACE_KEPT || l.saved.d_cap > WORKSPACE_KEPT) {
+        free(grads.d);
+        free(temps.d);
+        lists_release(&l);
+        memset(&l, 0, sizeof(l));
+        grads = temps = (Vec){0, 0, NULL};
+    }
 }
 
 static void plan_release(Plan *p) {
@@ -792,24 +880,32 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     return 0;
 }
 
-/* Replay the steps of `p` from `loaded` (a Sim after load()); the (peak allocated, peak reserved)
- * tuple, or NULL with a Python error. */
-static PyObject *replay(const Plan *p, const Sim *loaded, long long steps) {
-    Tracer t;
-    memset(&t, 0, sizeof(t));
+/* Replay the steps of `p` from the snapshot `ld`; the (peak allocated, peak reserved) tuple, or NULL
+ * with a Python error. */
+static PyObject *replay(const Plan *p, const Loaded *ld, long long steps) {
+    /* the allocators are reused between replays (the GIL serializes the calls; nothing in a replay
+     * calls back into Python) */
+    static Tracer t;
+    sim_restore(&t.sim, ld);
+    sim_reset(&t.ag, t.sim.base);
+    sim_reset(&t.rs, t.sim.base);
     t.ag_held = t.rs_held = -1;
     t.shards = p->shards;
-    if (sim_clone(&t.sim, loaded)) return PyErr_NoMemory();
-    t.sim.peak_allocated = t.sim.allocated; /* the step's peak allocated, as trace.simulate_py */
-    run(p, steps, &t);
+    t.peak = 0;
+    t.err = 0;
+    if (!t.sim.err) run(p, steps, &t);
     fold(&t);
     int err = t.err ? t.err : (t.sim.err ? t.sim.err : (t.ag.err ? t.ag.err : t.rs.err));
     long long alloc = t.peak;
     long long reserved = t.sim.reserved + t.ag.reserved + t.rs.reserved; /* as trace.simulate_py */
     if (t.sim.peak_reserved > reserved) reserved = t.sim.peak_reserved;
-    sim_release(&t.sim);
-    sim_release(&t.ag);
-    sim_release(&t.rs);
+    Sim *sims[] = {&t.sim, &t.ag, &t.rs};
+    for (int i = 0; i < 3; i++) {
+        if (sims[i]->cap_live > WORKSPACE_KEPT || sims[i]->cap_blocks > WORKSPACE_KEPT) {
+            sim_release(sims[i]);
+            memset(sims[i], 0, sizeof(Sim));
+        }
+    }
     if (err == 1) return PyErr_NoMemory();
     if (err) {
         PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent trace (code %d)", err);
@@ -818,21 +914,16 @@ static PyObject *replay(const Plan *p, const Sim *loaded, long long steps) {
     return Py_BuildValue("(LL)", alloc, reserved);
 }
 
-typedef struct {
-    Sim sim;
-    int64_t shards;
-} Loaded;
-
 #define LOADED "tunefit._replay.Loaded"
 
 static void loaded_free(PyObject *capsule) {
     Loaded *ld = (Loaded *)PyCapsule_GetPointer(capsule, LOADED);
     if (!ld) return;
-    sim_release(&ld->sim);
+    loaded_release(ld);
     free(ld);
 }
 
-/* The allocator after the load script into `out`: 0, -1, TOO_BIG or OVERFLOWED. */
+/* The snapshot after the load script into `out`: 0, -1, TOO_BIG or OVERFLOWED. */
 static int load_args(PyObject *script_obj, long long shards, Loaded *out) {
     if (shards < 1) {
         PyErr_SetString(PyExc_ValueError, "shards must be at least 1");
@@ -841,12 +932,15 @@ static int load_args(PyObject *script_obj, long long shards, Loaded *out) {
     Arr script = {0, NULL};
     int rc = to_script(script_obj, &script);
     if (!rc) {
-        memset(&out->sim, 0, sizeof(out->sim));
+        Sim sim;
+        memset(&sim, 0, sizeof(sim));
+        sim.base = 1; /* handles start at 1 */
+        load(&sim, &script);
+        int err = sim.err;
+        if (!err && snapshot(out, &sim)) err = 1;
         out->shards = shards;
-        load(&out->sim, &script);
-        if (out->sim.err) {
-            int err = out->sim.err;
-            sim_release(&out->sim);
+        sim_release(&sim);
+        if (err) {
             if (err == 1) PyErr_NoMemory();
             else PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent load (code %d)", err);
             rc = -1;
@@ -876,7 +970,7 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
     }
     PyObject *capsule = PyCapsule_New(ld, LOADED, loaded_free);
     if (!capsule) {
-        sim_release(&ld->sim);
+        loaded_release(ld);
         free(ld);
     }
     return capsule;
@@ -899,7 +993,7 @@ static PyObject *py_resume(PyObject *self, PyObject *args) {
     PyObject *found = NULL;
     if (rc == 0) {
         p.shards = ld->shards;
-        found = replay(&p, &ld->sim, steps);
+        found = replay(&p, ld, steps);
     }
     plan_release(&p);
     if (rc == -1) return NULL;
@@ -930,8 +1024,8 @@ static PyObject *py_simulate(PyObject *self, PyObject *args) {
     PyObject *found = NULL;
     if (rc == 0) {
         p.shards = shards;
-        found = replay(&p, &ld.sim, steps);
-        sim_release(&ld.sim);
+        found = replay(&p, &ld, steps);
+        loaded_release(&ld);
     }
     plan_release(&p);
     if (rc == -1) return NULL;

@@ -9,10 +9,11 @@ All sizes are bytes per token (per batch element and position) unless a name say
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 from app.core.architecture import Architecture
+from app.core.keys import field_values
 from app.core.setup import TrainingSetup
 
 ALL_LINEAR = "all-linear"
@@ -34,22 +35,27 @@ class Dtypes:
 
 def dtypes_for(setup: TrainingSetup) -> Dtypes:
     """Which dtype each stream has under the reference stack."""
-    amp = setup.precision in ("amp_bf16", "amp_fp16")
-    if setup.method == "qlora":
+    return _dtypes(setup.method, setup.precision, setup.attention)
+
+
+@lru_cache(maxsize=64)  # an estimate asks seven times: built once per method, precision and attention
+def _dtypes(method: str, precision: str, attention: str) -> Dtypes:
+    amp = precision in ("amp_bf16", "amp_fp16")
+    if method == "qlora":
         # prepare_model_for_kbit_training casts every non-4bit parameter (embedding, norms, lm_head)
         # to fp32, so the residual stream is fp32; Linear4bit computes in bf16 and casts its output
         # back to the input dtype (`.to(inp_dtype)` in bnb Linear4bit.forward): fp32 downstream.
         # Under autocast, SDPA and the fp32 lm_head run on 16-bit casts (run b-architectures-035).
         # flash_attention_2 casts fp32 q/k/v to the pre-quantization dtype (bf16) before the kernel
         # (transformers integrations/flash_attention.py + fa_peft_integration_check): 16-bit attention.
-        attn = 2 if amp or setup.attention == "flash_attention_2" else 4
+        attn = 2 if amp or attention == "flash_attention_2" else 4
         return Dtypes(4, 4, attn, 2 if amp else 4, amp, False)
-    full = setup.method == "full"
+    full = method == "full"
     if amp:
         # fp32 weights under autocast: matmuls produce 16-bit outputs, the residual adds promote
         # back to fp32 (fp32 embedding + 16-bit projection), RMSNorm computes in fp32.
         return Dtypes(4, 2, 2, 2, True, full)
-    size = 4 if setup.precision == "fp32" else 2
+    size = 4 if precision == "fp32" else 2
     return Dtypes(size, size, size, size, False, full)
 
 
@@ -113,10 +119,23 @@ class LayerOp:
     grad_in: int  # bytes per token of the gradient it returns to the op before it
 
 
-@lru_cache(maxsize=4096)  # replace() re-validates the setup: a fifth of a warm estimate
+# What shape_key sets, by position among TrainingSetup's fields.
+_SHAPE_FIXED = {"batch_size": 1, "seq_len": 1, "num_gpus": 1, "parallelism": "ddp"}
+_SHAPE_AT = {i: _SHAPE_FIXED[f.name] for i, f in enumerate(fields(TrainingSetup)) if f.name in _SHAPE_FIXED}
+
+
+@lru_cache(maxsize=4096)
 def shape_key(setup: TrainingSetup) -> TrainingSetup:
     """The setup with batch, length and GPUs set to one: what per-token terms depend on."""
-    return replace(setup, batch_size=1, seq_len=1, num_gpus=1, parallelism="ddp")
+    # A new batch x seq of a known setup finds its key by field values: replace() re-validates the
+    # setup and was a tenth of a cold estimate.
+    values = tuple(_SHAPE_AT.get(i, v) for i, v in enumerate(field_values(setup)))
+    return _shape_of(values)
+
+
+@lru_cache(maxsize=1024)
+def _shape_of(values: tuple[object, ...]) -> TrainingSetup:
+    return TrainingSetup(*values)  # type: ignore[arg-type]
 
 
 @lru_cache(maxsize=1024)  # per-token: the allocator replay of every new batch x seq reuses it

@@ -10,7 +10,7 @@ from app.core.architecture import Architecture
 from app.core.loading import load_script
 from app.core.params import grad_size, param_bytes, param_groups, weight_tensors
 from app.core.setup import TrainingSetup
-from app.core.trace import Shape, TracePlan, simulate
+from app.core.trace import Shape, Shapes, TracePlan, simulate
 
 MAX_REPLAYED_LAYERS = 160
 
@@ -35,7 +35,6 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
                 layer_weights.extend([grp.rows * grp.cols * param_bytes(setup)] * (grp.n // L))
 
     la = act.layer_activations(arch, act.shape_key(setup), targets)  # per token: batch-independent
-    by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
     all_moe = arch.is_moe and arch.num_moe_layers == L
     scores = setup.batch_size * arch.num_heads * setup.seq_len * setup.seq_len
     # per op: saved tensors, weight gradients, input gradient, backward scratch (bytes)
@@ -85,35 +84,12 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     elif arch.is_moe:
         op_saved["act"] += [n * tok for n in act.moe_tensors(arch, setup)]
 
+    op_shapes, opt_params = _param_shapes(arch, act.shape_key(setup), targets)
     ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]] = []
     saved: list[int] = []
-    layer_params: list[Shape] = []
-    for o in la.ops:
-        shapes: list[Shape] = []
-        for name in o.params:
-            if name == "norm":
-                if full:
-                    shapes.append((h, 1))
-                continue
-            lin = by_name.get(name)
-            if lin is None:
-                continue
-            if full:
-                shapes.append((lin.out_features, lin.in_features))
-                if lin.bias:
-                    shapes.append((lin.out_features, 1))
-            elif name in targets:
-                shapes.extend([(setup.lora_rank, lin.in_features), (lin.out_features, setup.lora_rank)])
-        if o.name == "act" and full and all_moe:
-            e, mi = arch.num_experts, arch.moe_intermediate_size
-            shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
+    for o, shapes in zip(la.ops, op_shapes, strict=True):
         saved.extend(op_saved[o.name])
-        ops.append((len(op_saved[o.name]), tuple(shapes), op_grad_in[o.name], tuple(op_scratch[o.name])))
-        layer_params.extend(shapes)
-    if full:
-        opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
-    else:
-        opt_params = layer_params * L
+        ops.append((len(op_saved[o.name]), shapes, op_grad_in[o.name], tuple(op_scratch[o.name])))
 
     copies: list[int] = []
     head_copy = 0
@@ -133,7 +109,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         load=load_script(arch, setup, targets),
         layers=L,
         layer_ops=tuple(ops),
-        opt_params=tuple(opt_params),
+        opt_params=opt_params,
         head_grads=head_grads,
         embed_grad=embed_grad,
         tied_accumulate=tied,
@@ -157,6 +133,46 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         root_weights=tuple(root_weights),
         softcap=arch.final_logit_softcapping is not None,
     )
+
+
+@lru_cache(maxsize=1024)
+def _param_shapes(
+    arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
+) -> tuple[tuple[tuple[Shape, ...], ...], Shapes]:
+    """Per op of a layer, the weight gradients its backward makes, and every trainable tensor in
+    model.parameters() order: batch-independent, so built once per setup shape (`act.shape_key`)."""
+    full = setup.method == "full"
+    h, v, L = arch.hidden_size, arch.vocab_size, arch.num_layers
+    by_name = {lin.name: lin for lin in arch.linears if lin.layers == L}
+    all_moe = arch.is_moe and arch.num_moe_layers == L
+    op_shapes: list[tuple[Shape, ...]] = []
+    layer_params: list[Shape] = []
+    for o in act.layer_activations(arch, setup, targets).ops:
+        shapes: list[Shape] = []
+        for name in o.params:
+            if name == "norm":
+                if full:
+                    shapes.append((h, 1))
+                continue
+            lin = by_name.get(name)
+            if lin is None:
+                continue
+            if full:
+                shapes.append((lin.out_features, lin.in_features))
+                if lin.bias:
+                    shapes.append((lin.out_features, 1))
+            elif name in targets:
+                shapes.extend([(setup.lora_rank, lin.in_features), (lin.out_features, setup.lora_rank)])
+        if o.name == "act" and full and all_moe:
+            e, mi = arch.num_experts, arch.moe_intermediate_size
+            shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
+        op_shapes.append(tuple(shapes))
+        layer_params.extend(shapes)
+    if full:
+        opt_params = [(v, h)] + layer_params * L + [(h, 1)] + ([] if arch.tie_embeddings else [(v, h)])
+    else:
+        opt_params = layer_params * L
+    return tuple(op_shapes), Shapes(opt_params)
 
 
 @lru_cache(maxsize=256)

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
+from operator import attrgetter
 from typing import Any
+
+# Per class: its fields' values as one tuple (attrgetter of every field name, built once per class).
+_VALUES: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
+def field_values(self: Any) -> tuple[Any, ...]:
+    """The dataclass's field values in field order (what its generated __eq__ and hash compare)."""
+    get = _VALUES.get(type(self))
+    if get is None:
+        names = [f.name for f in fields(self)]
+        # attrgetter of a single name returns the bare value: keep the tuple
+        get = attrgetter(*names) if len(names) > 1 else (lambda obj: (getattr(obj, names[0]),))
+        _VALUES[type(self)] = get
+    return get(self)
 
 
 def cached_hash(self: Any) -> int:
@@ -14,7 +30,7 @@ def cached_hash(self: Any) -> int:
     """
     found: int | None = self.__dict__.get("_hash")
     if found is None:
-        found = hash(tuple(getattr(self, f.name) for f in fields(self)))
+        found = hash(field_values(self))
         object.__setattr__(self, "_hash", found)
     return found
 

@@ -26,6 +26,19 @@ except ImportError:  # pragma: no cover - exercised where no compiler built it
 Shape = tuple[int, int]
 
 
+class Shapes(tuple[Shape, ...]):
+    """A plan's trainable tensors; its hash (the optimizer tensors' cache keys on it) is computed once."""
+
+    _hash: int
+
+    def __hash__(self) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = tuple.__hash__(self)
+            return self._hash
+
+
 @dataclass(frozen=True)
 class TracePlan:
     """Everything the replay needs, in bytes (already multiplied by the tokens of a micro-batch)."""
@@ -120,8 +133,9 @@ def _optimizer_tensors(
 def _flat(plan: TracePlan) -> tuple[object, ...]:
     """The plan as the C replay's positional arguments (sizes in bytes, flags as 0/1)."""
     states, temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
+    g = plan.grad_size
     ops = tuple(
-        (count, tuple(r * c * plan.grad_size for r, c in params), grad_in, scratch)
+        (count, _grad_bytes(params, g) if params else (), grad_in, scratch)
         for count, params, grad_in, scratch in plan.layer_ops
     )
     return (
@@ -152,6 +166,12 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         plan.root_weights,
         int(plan.softcap),
     )
+
+
+@lru_cache(maxsize=1024)
+def _grad_bytes(params: tuple[Shape, ...], grad_size: int) -> tuple[int, ...]:
+    """Bytes of an op's weight gradients (batch-independent: cached, an estimate flattens eight ops)."""
+    return tuple(r * c * grad_size for r, c in params)
 
 
 @lru_cache(maxsize=64)
