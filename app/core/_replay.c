@@ -454,7 +454,7 @@ typedef struct {
 
 typedef struct {
     int64_t count, grad_in;
-    Arr grads, scratch;
+    Arr grads, scratch, dequant; /* dequant: (4-bit weight, its 16-bit product) pairs, QLoRA */
 } Op;
 
 typedef struct {
@@ -463,7 +463,7 @@ typedef struct {
     Op *ops;
     int64_t n_ops;
     int64_t shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden,
-        logits, logits_fp32, vocab_fp32, dequant, softcap;
+        logits, logits_fp32, vocab_fp32, dequant, softcap, workspace, transient_op;
 } Plan;
 
 /* A sequence of ints into `out`: each at most MAX_TENSOR and at least `low`, else TOO_BIG. */
@@ -559,7 +559,7 @@ static void reduce_scatter(Tracer *t, const int64_t *grads, const int64_t *sizes
 
 typedef struct {
     Vec root, shared, inputs, saved, copies, cache, unsharded, cp, layer, tmp, final, layer_grads,
-        layer_grad_sizes, head, head_sizes, scratch;
+        layer_grad_sizes, head, head_sizes, scratch, cur;
 } Lists;
 
 /* Entries a workspace keeps between replays; a larger one (an absurd plan) is given back. */
@@ -568,12 +568,45 @@ typedef struct {
 static void lists_release(Lists *l) {
     Vec *all[] = {&l->root,  &l->shared,      &l->inputs,           &l->saved, &l->copies, &l->cache,
                   &l->unsharded, &l->cp,      &l->layer,            &l->tmp,   &l->final,  &l->layer_grads,
-                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch};
+                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
-/* One forward and backward; leaves the gradient handles (alive until zero_grad) in `grads`. */
-static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
+/* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
+ * next op has run; a 4-bit linear's dequantized weight is freed once its product is made.  Leaves the
+ * last op's tensors in l->layer. */
+static void first_pass(const Plan *p, Tracer *t, Lists *l) {
+    Sim *sim = &t->sim;
+    int64_t start = 0;
+    l->layer.d_len = 0;
+    for (int64_t k = 0; k < p->n_ops && !ERR(t); k++) {
+        const Op *op = &p->ops[k];
+        l->cur.d_len = 0;
+        for (int64_t i = 0; i < op->count; i++)
+            vec_push(&l->cur, sim_new(sim, p->layer_saved.v[start + i]), &t->err);
+        start += op->count;
+        free_all(sim, l->layer.d, l->layer.d_len);
+        l->layer.d_len = 0;
+        for (int64_t i = 0; i < l->cur.d_len; i++) vec_push(&l->layer, l->cur.d[i], &t->err);
+        l->tmp.d_len = 0;
+        for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
+            int64_t w = sim_new(sim, op->dequant.v[j]);
+            vec_push(&l->tmp, sim_new(sim, op->dequant.v[j + 1]), &t->err);
+            sim_free(sim, w);
+        }
+        if (k == p->transient_op) {
+            l->scratch.d_len = 0;
+            new_all(t, &p->layer_transient, &l->scratch);
+            free_all(sim, l->scratch.d, l->scratch.d_len);
+        }
+        free_all(sim, l->tmp.d, l->tmp.d_len);
+        l->tmp.d_len = 0;
+    }
+}
+
+/* One forward and backward; leaves the gradient handles (alive until zero_grad) in `grads`.
+ * `workspace`: each thread's cuBLAS workspace, made at its first matmul (first step only). */
+static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int64_t workspace) {
     Sim *sim = &t->sim;
     int fsdp = p->shards > 1;
     int64_t nsaved = p->layer_saved.n, ncopies = p->layer_copies.n;
@@ -581,15 +614,20 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     l->cache.d_len = l->final.d_len = 0;
     grads->d_len = 0;
     if (fsdp && p->root_weights.n) unshard(t, &p->root_weights, &l->root);
-    new_all(t, &p->shared, &l->shared);
     vec_push(&l->inputs, sim_new(sim, p->hidden), &t->err);
+    new_all(t, &p->shared, &l->shared);
+    if (workspace) sim_new(sim, workspace);
     for (int64_t layer = 0; layer < p->layers && !ERR(t); layer++) {
         l->unsharded.d_len = l->cp.d_len = l->layer.d_len = l->tmp.d_len = 0;
         if (fsdp) unshard(t, &p->layer_weights, &l->unsharded);
         new_all(t, &p->layer_copies, &l->cp);
-        new_all(t, &p->layer_saved, &l->layer);
-        new_all(t, &p->layer_transient, &l->tmp);
-        if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+        if (p->checkpoint) {
+            first_pass(p, t, l);
+        } else {
+            new_all(t, &p->layer_saved, &l->layer);
+            new_all(t, &p->layer_transient, &l->tmp);
+            if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+        }
         int64_t out = sim_new(sim, p->hidden);
         free_all(sim, l->tmp.d, l->tmp.d_len);
         free_all(sim, l->unsharded.d, l->unsharded.d_len);
@@ -644,6 +682,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads) {
     }
     new_all(t, &p->head_grads, grads);
     int64_t g_hidden = sim_new(sim, p->hidden);
+    if (workspace) sim_new(sim, workspace); /* the lm_head backward: the backward thread's first matmul */
     sim_free(sim, g_logits);
     if (head_copy) sim_free(sim, head_copy);
     free_all(sim, l->final.d, l->final.d_len);
@@ -752,7 +791,7 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
     static Lists l;
     Sim *sim = &t->sim;
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
-        forward_backward(p, t, &l, &grads);
+        forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0);
         if (ERR(t)) break;
         if (step == 0) { /* optimizer states are created lazily inside the first step() */
             for (int64_t i = 0; i < p->opt_states.n; i++) sim_new(sim, p->opt_states.v[i]);
@@ -782,6 +821,7 @@ static void plan_release(Plan *p) {
     for (int64_t i = 0; i < p->n_ops; i++) {
         free(p->ops[i].grads.v);
         free(p->ops[i].scratch.v);
+        free(p->ops[i].dequant.v);
     }
     free(p->ops);
 }
@@ -798,13 +838,15 @@ static int parse_ops(PyObject *obj, Plan *p) {
     }
     p->n_ops = n;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *count, *grads, *grad_in, *scratch;
+        PyObject *count, *grads, *grad_in, *scratch, *dequant;
         int rc;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOO", &count, &grads, &grad_in, &scratch)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOO", &count, &grads, &grad_in, &scratch,
+                              &dequant)) {
             Py_DECREF(seq);
             return -1;
         }
-        if ((rc = to_arr(grads, &p->ops[i].grads)) || (rc = to_arr(scratch, &p->ops[i].scratch))) {
+        if ((rc = to_arr(grads, &p->ops[i].grads)) || (rc = to_arr(scratch, &p->ops[i].scratch)) ||
+            (rc = to_arr(dequant, &p->ops[i].dequant))) {
             Py_DECREF(seq);
             return rc;
         }
@@ -836,12 +878,12 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
         *final_saved, *shared, *layer_weights, *root_weights;
     long long layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
         logits_fp32, vocab_fp32, dequant;
-    long long softcap;
-    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLL", &layers, &ops, &opt_states, &opt_temps,
+    long long softcap, workspace, transient_op;
+    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLLLL", &layers, &ops, &opt_states, &opt_temps,
                               &adafactor, &head_grads, &embed_grad, &tied, &layer_saved, &layer_transient,
                               &layer_copies, &head_copy, &cache_copies, &checkpoint, &final_saved, &hidden,
                               &logits, &logits_fp32, &vocab_fp32, &shared, &dequant, &layer_weights,
-                              &root_weights, &softcap, steps);
+                              &root_weights, &softcap, &workspace, &transient_op, steps);
     if (!ok) {
         Py_DECREF(rest);
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
@@ -861,6 +903,8 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     p->vocab_fp32 = vocab_fp32;
     p->dequant = dequant;
     p->softcap = softcap;
+    p->workspace = workspace;
+    p->transient_op = transient_op;
     int rc;
     if ((rc = parse_ops(ops, p)) || (rc = to_arr(opt_states, &p->opt_states)) ||
         (rc = to_arr(opt_temps, &p->opt_temps)) || (rc = to_arr(head_grads, &p->head_grads)) ||
@@ -873,7 +917,7 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     }
     Py_DECREF(rest);
     int64_t scalars[] = {p->embed_grad, p->tied,  p->head_copy, p->hidden, p->logits,
-                         p->logits_fp32, p->vocab_fp32, p->dequant, p->layers};
+                         p->logits_fp32, p->vocab_fp32, p->dequant, p->layers, p->workspace};
     for (size_t i = 0; i < sizeof(scalars) / sizeof(scalars[0]); i++) {
         if (scalars[i] < 0 || scalars[i] > MAX_TENSOR) return TOO_BIG;
     }

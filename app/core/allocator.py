@@ -38,11 +38,16 @@ FLASH_KERNELS_BYTES = 155_189_248 - 138_412_032
 # in all four runs of data/calibration/h200-d-fsdp-2gpu.jsonl.  More GPUs are not measured.
 NCCL_BYTES = 1_041_498_112 - 155_189_248
 
-# cuBLAS workspaces come from the caching allocator (torch `getCurrentCUDABlasHandle` /
-# `getCUDABlasLtWorkspace`): on Hopper `CUBLAS_WORKSPACE_CONFIG` defaults to ":4096:2:16:8"
-# (2 x 4 MiB + 8 x 16 KiB per handle and stream) and the cuBLASLt workspace is 32 MiB
-# (aten/src/ATen/cuda/CublasHandlePool.cpp, torch >= 2.5).
-CUBLAS_WORKSPACE_BYTES = 2 * 4 * MIB + 8 * 16 * 1024 + 32 * MIB
+# cuBLAS workspaces come from the caching allocator, one per thread that runs matmuls (torch keeps a
+# handle per thread and stream, aten/src/ATen/cuda/CublasHandlePool.cpp): the training loop's thread at
+# its first matmul (RoPE's `inv_freq @ position_ids` in step 1's forward) and autograd's backward thread
+# at its first (the lm_head backward).  Allocation traces of four runs on the H200 (torch 2.11,
+# profiles/trace-*.jsonl.gz, made by profiles/m-trace.py) show exactly these two 32 MiB allocations,
+# alive to the end, and no other workspace.  The replay allocates them where they happen: they take
+# free blocks there (b-architectures-020: the backward's one splits a freed 502 MiB logits block, which
+# costs the second step a new 502 MiB segment).
+CUBLAS_WORKSPACE_THREAD_BYTES = 32 * MIB
+CUBLAS_WORKSPACE_BYTES = 2 * CUBLAS_WORKSPACE_THREAD_BYTES
 
 # cudaMallocManaged memory (bitsandbytes paged optimizer states) resident on the GPU.  The UVM driver
 # takes GPU memory from PMA, which NVML counts, in batches of 1 << uvm_perf_pma_batch_nonpinned_order

@@ -6,6 +6,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from app.core import activations as act
+from app.core.allocator import CUBLAS_WORKSPACE_THREAD_BYTES
 from app.core.architecture import Architecture
 from app.core.loading import load_script
 from app.core.params import grad_size, param_bytes, param_groups, weight_tensors
@@ -42,6 +43,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
     op_scratch: dict[str, list[int]] = {o.name: [] for o in la.ops}
     op_grad_in: dict[str, int] = {o.name: o.grad_in * tok for o in la.ops}
     fwd_scratch = [n * tok for n in act.layer_transient_tensors(arch, setup)[:2]]
+    scratch_op = "act"
     shared = [2 * setup.seq_len * arch.head_dim * d.residual]  # RoPE cos/sin
     if la.attn_scores_saved:
         eager = setup.attention == "eager"
@@ -51,6 +53,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
             # cast between bf16 and fp32 on the way
             op_scratch["attention"] = [4 * scores, 4 * scores, d.attn * scores]
             fwd_scratch = [d.attn * scores, d.attn * scores, 4 * scores]
+            scratch_op = "attention"
             shared.append(setup.batch_size * setup.seq_len * setup.seq_len * d.attn)
         else:
             # SDPA math's backward (profiles/j-probe.txt, sdpa and llama): beside the saved softmax,
@@ -65,6 +68,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
             # j-blind-gaps-004: +1,471 MiB with it, +447 without; -001: +738, +226) and the peaks
             # (j-004 +4.4% with it, +1.1% without; j-001 +4.1%, +0.9%).
             fwd_scratch = [4 * scores, 4 * setup.seq_len * setup.seq_len]
+            scratch_op = "attention"
     if all_moe:
         # the experts replace the dense MLP: grouped_mm_experts_forward's routed copies
         k, mi, out = arch.experts_per_token, arch.moe_intermediate_size, d.linear_out
@@ -85,6 +89,11 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         op_saved["act"] += [n * tok for n in act.moe_tensors(arch, setup)]
 
     op_shapes, opt_params = _param_shapes(arch, act.shape_key(setup), targets)
+    op_dequant: list[tuple[int, ...]] = []
+    if setup.method == "qlora":
+        # each 4-bit weight bitsandbytes dequantizes (bf16) and the 16-bit product it makes
+        for linears in _op_linears(arch, tuple(o.params for o in la.ops)):
+            op_dequant.append(tuple(x for o_f, i_f in linears for x in (2 * o_f * i_f, 2 * o_f * tok)))
     ops: list[tuple[int, tuple[Shape, ...], int, tuple[int, ...]]] = []
     saved: list[int] = []
     for o, shapes in zip(la.ops, op_shapes, strict=True):
@@ -132,6 +141,19 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         layer_weights=tuple(layer_weights),
         root_weights=tuple(root_weights),
         softcap=arch.final_logit_softcapping is not None,
+        workspace=CUBLAS_WORKSPACE_THREAD_BYTES,
+        op_dequant=tuple(op_dequant),
+        transient_op=[o.name for o in la.ops].index(scratch_op),
+    )
+
+
+@lru_cache(maxsize=256)
+def _op_linears(arch: Architecture, op_params: tuple[tuple[str, ...], ...]) -> tuple[tuple[Shape, ...], ...]:
+    """Per layer op, the (out, in) features of the base linears it runs (every layer has them)."""
+    by_name = {lin.name: lin for lin in arch.linears if lin.layers == arch.num_layers}
+    return tuple(
+        tuple((by_name[n].out_features, by_name[n].in_features) for n in names if n in by_name)
+        for names in op_params
     )
 
 

@@ -70,6 +70,9 @@ class TracePlan:
     layer_weights: tuple[int, ...] = ()  # one layer's unsharded weight tensors (FSDP all-gathers them)
     root_weights: tuple[int, ...] = ()  # embedding / final norm / lm_head, unsharded by the root
     softcap: bool = False  # final logit softcapping (Gemma 2): logits / cap, tanh, * cap
+    workspace: int = 0  # one thread's cuBLAS workspace, made at its first matmul of the first step
+    op_dequant: tuple[tuple[int, ...], ...] = ()  # per layer op, QLoRA: (dequantized weight, product)...
+    transient_op: int = 0  # the layer op whose forward makes `layer_transient`
 
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
@@ -98,7 +101,7 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     tr = _Tracer(sim, plan.shards)
     states, step_temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
     for step in range(steps):
-        grads = _forward_backward(plan, tr)
+        grads = _forward_backward(plan, tr, plan.workspace if step == 0 else 0)
         if step == 0:  # optimizer states are created lazily inside the first step()
             for nbytes in states:
                 sim.new(nbytes)
@@ -134,9 +137,10 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
     """The plan as the C replay's positional arguments (sizes in bytes, flags as 0/1)."""
     states, temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
     g = plan.grad_size
+    dequant = plan.op_dequant or ((),) * len(plan.layer_ops)
     ops = tuple(
-        (count, _grad_bytes(params, g) if params else (), grad_in, scratch)
-        for count, params, grad_in, scratch in plan.layer_ops
+        (count, _grad_bytes(params, g) if params else (), grad_in, scratch, weights)
+        for (count, params, grad_in, scratch), weights in zip(plan.layer_ops, dequant, strict=True)
     )
     return (
         plan.load,
@@ -165,6 +169,8 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         plan.layer_weights,
         plan.root_weights,
         int(plan.softcap),
+        plan.workspace,
+        plan.transient_op,
     )
 
 
@@ -258,23 +264,65 @@ class _Tracer:
         return shards
 
 
-def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
-    """One forward and backward; returns the gradient handles (alive until zero_grad)."""
+def _first_pass(plan: TracePlan, tr: _Tracer) -> list[int]:
+    """A checkpointed layer's first forward, op by op; returns the last op's tensors (still alive).
+
+    Under non-reentrant checkpointing nothing is saved: what an op keeps for backward is its input,
+    made by the op before, and dies once the op has run.  A 4-bit linear dequantizes its weight, makes
+    its 16-bit product, then frees the weight (bitsandbytes `_dequant_linear_fallback`, cuda/ops.py);
+    the product dies with the op.  Allocation traces of 13 runs (profiles/trace-*.jsonl.gz, made by
+    profiles/m-trace.py) show this order; with it the replay's reserved bytes after each phase of the
+    first two steps match the traces' within 0.13 GiB on 11 of them (c-large-010, c-large-001 to 4 MiB),
+    where allocating a layer's saved tensors all at once, with one dequantization after them, made the
+    second step of QLoRA runs grow by a vocabulary-sized segment that the real runs never made.
+    """
+    new, free, free_all = tr.sim.new, tr.sim.free, tr.sim.free_all
+    prev: list[int] = []
+    start = 0
+    for k, (count, _params, _grad_in, _scratch) in enumerate(plan.layer_ops):
+        cur = [new(n) for n in plan.layer_saved[start : start + count]]
+        start += count
+        free_all(prev)
+        prev = cur
+        products = []
+        weights = plan.op_dequant[k] if plan.op_dequant else ()
+        for j in range(0, len(weights), 2):
+            w = new(weights[j])
+            products.append(new(weights[j + 1]))
+            free(w)
+        if k == plan.transient_op:
+            free_all([new(n) for n in plan.layer_transient])
+        free_all(products)
+    return prev
+
+
+def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[int]:
+    """One forward and backward; returns the gradient handles (alive until zero_grad).
+
+    `workspace`: the bytes of the cuBLAS workspace each of the two threads (the loop's, autograd's)
+    allocates at its first matmul, on the first step only; they are never freed.
+    """
     new, free, free_all = tr.sim.new, tr.sim.free, tr.sim.free_all
     fsdp = plan.shards > 1
     root = tr.unshard(plan.root_weights) if fsdp and plan.root_weights else []
-    shared = [new(n) for n in plan.shared]
     inputs = [new(plan.hidden)]  # embedding output
+    shared = [new(n) for n in plan.shared]
+    if workspace:  # the rotary embedding's `inv_freq @ position_ids` is the forward's first matmul
+        new(workspace)
     saved: list[list[int]] = []
     copies: list[list[int]] = []
     cache: list[int] = []
     for _ in range(plan.layers):
         unsharded = tr.unshard(plan.layer_weights) if fsdp else []
         cp = [new(n) for n in plan.layer_copies]
-        layer = [new(n) for n in plan.layer_saved]
-        tmp = [new(n) for n in plan.layer_transient]
-        if plan.dequant:
-            free(new(plan.dequant))
+        if plan.checkpoint:
+            layer = _first_pass(plan, tr)
+            tmp = []
+        else:
+            layer = [new(n) for n in plan.layer_saved]
+            tmp = [new(n) for n in plan.layer_transient]
+            if plan.dequant:
+                free(new(plan.dequant))
         out = new(plan.hidden)
         free_all(tmp)
         free_all(unsharded)  # reshard after forward
@@ -328,6 +376,8 @@ def _forward_backward(plan: TracePlan, tr: _Tracer) -> list[int]:
         free(g_scaled)
     grads = [new(n) for n in plan.head_grads]
     g_hidden = new(plan.hidden)
+    if workspace:  # the lm_head backward is the backward thread's first matmul
+        new(workspace)
     free(g_logits)
     if head_copy:
         free(head_copy)
