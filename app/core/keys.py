@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import fields
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Per class: its fields' values as one tuple (attrgetter of every field name, built once per class).
 _VALUES: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
@@ -38,3 +40,16 @@ def cached_hash(self: Any) -> int:
 def state_without_hash(self: Any) -> dict[str, Any]:
     """Pickle state without the kept hash (string hashes differ between processes)."""
     return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+
+class HashOnceTuple(tuple[T, ...]):
+    """A tuple that keys caches on every estimate: its hash is computed once, then kept."""
+
+    _hash: int
+
+    def __hash__(self) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = tuple.__hash__(self)
+            return self._hash

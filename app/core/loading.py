@@ -46,6 +46,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from app.core.architecture import Architecture, Linear
+from app.core.keys import HashOnceTuple
 from app.core.params import param_bytes
 from app.core.quant import NF4_BLOCK, NF4_CODE_BYTES, NF4_DQ_BLOCK, QUANT_MAP_BYTES, nf4_tensors
 from app.core.setup import TrainingSetup
@@ -184,17 +185,8 @@ def _layout(arch: Architecture) -> tuple[tuple[tuple[bool, ...], ...], tuple[int
     return shapes, tuple(starts)
 
 
-class Script(tuple[int, ...]):
+class Script(HashOnceTuple[int]):
     """A load script; its hash (the replay's loaded-state caches key on it) is computed once."""
-
-    _hash: int
-
-    def __hash__(self) -> int:
-        try:
-            return self._hash
-        except AttributeError:
-            self._hash = tuple.__hash__(self)
-            return self._hash
 
 
 class _Script:

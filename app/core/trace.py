@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from app.core.allocsim import AllocatorSim
+from app.core.keys import HashOnceTuple
 from app.core.loading import EMPTY_CACHE
 from app.core.optim import param_state_tensors
 
@@ -26,17 +27,8 @@ except ImportError:  # pragma: no cover - exercised where no compiler built it
 Shape = tuple[int, int]
 
 
-class Shapes(tuple[Shape, ...]):
+class Shapes(HashOnceTuple[Shape]):
     """A plan's trainable tensors; its hash (the optimizer tensors' cache keys on it) is computed once."""
-
-    _hash: int
-
-    def __hash__(self) -> int:
-        try:
-            return self._hash
-        except AttributeError:
-            self._hash = tuple.__hash__(self)
-            return self._hash
 
 
 @dataclass(frozen=True)
