@@ -463,7 +463,7 @@ typedef struct {
     Op *ops;
     int64_t n_ops;
     int64_t shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden,
-        logits, logits_fp32, vocab_fp32, dequant, softcap, workspace, transient_op;
+        logits, logits_fp32, vocab_fp32, dequant, softcap, workspace, transient_op, held_input;
 } Plan;
 
 /* A sequence of ints into `out`: each at most MAX_TENSOR and at least `low`, else TOO_BIG. */
@@ -605,8 +605,11 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
 }
 
 /* One forward and backward; leaves the gradient handles (alive until zero_grad) in `grads`.
- * `workspace`: each thread's cuBLAS workspace, made at its first matmul (first step only). */
-static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int64_t workspace) {
+ * `workspace`: each thread's cuBLAS workspace, made at its first matmul (first step only).
+ * `held` (p->held_input, LoRA / QLoRA under checkpointing): the embedding output and its `.grad`, which
+ * the loop's `loss` keeps alive; the last step's are freed once this forward has returned, this step's
+ * are left there (trace._forward_backward). */
+static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int64_t workspace, Vec *held) {
     Sim *sim = &t->sim;
     int fsdp = p->shards > 1;
     int64_t nsaved = p->layer_saved.n, ncopies = p->layer_copies.n;
@@ -661,6 +664,8 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
     int64_t lsm = sim_new(sim, p->vocab_fp32);
     if (up) sim_free(sim, up);
     sim_free(sim, logits);
+    free_all(sim, held->d, held->d_len); /* `loss = ...` drops the last step's graph */
+    held->d_len = 0;
     free_all(sim, l->cache.d, l->cache.d_len);
     int64_t g_nll = sim_new(sim, p->vocab_fp32);
     int64_t g_in = sim_new(sim, p->vocab_fp32);
@@ -687,6 +692,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
     if (head_copy) sim_free(sim, head_copy);
     free_all(sim, l->final.d, l->final.d_len);
     if (l->inputs.d_len) sim_free(sim, l->inputs.d[--l->inputs.d_len]);
+    int64_t emb = -1;
     for (int64_t layer = 0; layer < p->layers && !ERR(t); layer++) {
         l->unsharded.d_len = l->layer_grads.d_len = l->layer_grad_sizes.d_len = 0;
         if (fsdp) unshard(t, &p->layer_weights, &l->unsharded);
@@ -730,7 +736,11 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
         } else {
             for (int64_t i = 0; i < l->layer_grads.d_len; i++) vec_push(grads, l->layer_grads.d[i], &t->err);
         }
-        if (p->checkpoint && l->inputs.d_len) sim_free(sim, l->inputs.d[--l->inputs.d_len]);
+        if (p->checkpoint && l->inputs.d_len) {
+            int64_t x = l->inputs.d[--l->inputs.d_len];
+            if (l->inputs.d_len || !p->held_input) sim_free(sim, x);
+            else emb = x; /* the embedding output, a leaf that requires grad */
+        }
     }
     if (ERR(t)) return;
     if (p->embed_grad) vec_push(grads, sim_new(sim, p->embed_grad), &t->err);
@@ -741,7 +751,12 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
         sim_free(sim, grads->d[0]);
         grads->d[0] = total;
     }
-    sim_free(sim, g_hidden);
+    if (emb >= 0) { /* g_hidden is its `.grad` (freed first when `loss` goes) */
+        vec_push(held, g_hidden, &t->err);
+        vec_push(held, emb, &t->err);
+    } else {
+        sim_free(sim, g_hidden);
+    }
     free_all(sim, l->inputs.d, l->inputs.d_len);
     l->inputs.d_len = 0;
     free_all(sim, l->shared.d, l->shared.d_len);
@@ -787,11 +802,12 @@ static void load(Sim *sim, const Arr *script) {
 /* The training steps, from the loaded state in t->sim. */
 static void run(const Plan *p, int64_t steps, Tracer *t) {
     /* the lists are reused between replays (forward_backward empties each before use) */
-    static Vec grads = {0, 0, NULL}, temps = {0, 0, NULL};
+    static Vec grads = {0, 0, NULL}, temps = {0, 0, NULL}, held = {0, 0, NULL};
     static Lists l;
     Sim *sim = &t->sim;
+    held.d_len = 0; /* the last step's tensors that its `loss` keeps alive (Plan.held_input) */
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
-        forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0);
+        forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0, &held);
         if (ERR(t)) break;
         if (step == 0) { /* optimizer states are created lazily inside the first step() */
             for (int64_t i = 0; i < p->opt_states.n; i++) sim_new(sim, p->opt_states.v[i]);
@@ -878,12 +894,12 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
         *final_saved, *shared, *layer_weights, *root_weights;
     long long layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
         logits_fp32, vocab_fp32, dequant;
-    long long softcap, workspace, transient_op;
-    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLLLL", &layers, &ops, &opt_states, &opt_temps,
+    long long softcap, workspace, transient_op, held_input;
+    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLLLLL", &layers, &ops, &opt_states, &opt_temps,
                               &adafactor, &head_grads, &embed_grad, &tied, &layer_saved, &layer_transient,
                               &layer_copies, &head_copy, &cache_copies, &checkpoint, &final_saved, &hidden,
                               &logits, &logits_fp32, &vocab_fp32, &shared, &dequant, &layer_weights,
-                              &root_weights, &softcap, &workspace, &transient_op, steps);
+                              &root_weights, &softcap, &workspace, &transient_op, &held_input, steps);
     if (!ok) {
         Py_DECREF(rest);
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
@@ -905,6 +921,7 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     p->softcap = softcap;
     p->workspace = workspace;
     p->transient_op = transient_op;
+    p->held_input = held_input;
     int rc;
     if ((rc = parse_ops(ops, p)) || (rc = to_arr(opt_states, &p->opt_states)) ||
         (rc = to_arr(opt_temps, &p->opt_temps)) || (rc = to_arr(head_grads, &p->head_grads)) ||

@@ -144,6 +144,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         workspace=CUBLAS_WORKSPACE_THREAD_BYTES,
         op_dequant=tuple(op_dequant),
         transient_op=[o.name for o in la.ops].index(scratch_op),
+        held_input=not full and setup.gradient_checkpointing,
     )
 
 

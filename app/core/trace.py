@@ -65,6 +65,10 @@ class TracePlan:
     workspace: int = 0  # one thread's cuBLAS workspace, made at its first matmul of the first step
     op_dequant: tuple[tuple[int, ...], ...] = ()  # per layer op, QLoRA: (dequantized weight, product)...
     transient_op: int = 0  # the layer op whose forward makes `layer_transient`
+    # LoRA / QLoRA under gradient checkpointing: peft makes the embedding output require grad (a leaf),
+    # so the backward leaves its gradient in `.grad`; the loop's `loss` holds the graph and with it
+    # both tensors until the next step's `loss = model(...)` rebinds it (_forward_backward `held`)
+    held_input: bool = False
 
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
@@ -92,8 +96,9 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     sim.peak_allocated = sim.allocated
     tr = _Tracer(sim, plan.shards)
     states, step_temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
+    held: list[int] = []  # the last step's tensors that its `loss` keeps alive (TracePlan.held_input)
     for step in range(steps):
-        grads = _forward_backward(plan, tr, plan.workspace if step == 0 else 0)
+        grads = _forward_backward(plan, tr, plan.workspace if step == 0 else 0, held)
         if step == 0:  # optimizer states are created lazily inside the first step()
             for nbytes in states:
                 sim.new(nbytes)
@@ -163,6 +168,7 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         int(plan.softcap),
         plan.workspace,
         plan.transient_op,
+        int(plan.held_input),
     )
 
 
@@ -288,11 +294,20 @@ def _first_pass(plan: TracePlan, tr: _Tracer) -> list[int]:
     return prev
 
 
-def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[int]:
+def _forward_backward(
+    plan: TracePlan, tr: _Tracer, workspace: int = 0, held: list[int] | None = None
+) -> list[int]:
     """One forward and backward; returns the gradient handles (alive until zero_grad).
 
     `workspace`: the bytes of the cuBLAS workspace each of the two threads (the loop's, autograd's)
     allocates at its first matmul, on the first step only; they are never freed.
+    `held` (with `plan.held_input`): the embedding output and its `.grad`, which the loop's `loss`
+    keeps alive past the backward; the last step's are freed once this forward has returned and
+    `loss = model(...)` rebinds, and this step's are left there.  Allocation traces
+    (profiles/trace-*.jsonl.gz: every LoRA and QLoRA run with gradient checkpointing) free the two
+    right after the model output, at the loop's line; without `held` (DeepSpeed's replay) they die
+    at the end of the backward.  (The real `.grad` is the residual stream's gradient, made at the final
+    norm's backward and accumulated in place through the layers; the replay keeps its last `g_hidden`.)
     """
     new, free, free_all = tr.sim.new, tr.sim.free, tr.sim.free_all
     fsdp = plan.shards > 1
@@ -348,6 +363,9 @@ def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[
     if up:
         free(up)
     free(logits)  # the model output is dropped once `.loss` is taken
+    if held:  # then `loss = ...` drops the last step's graph: its input's gradient, the input
+        free_all(held)
+        held.clear()
     free_all(cache)  # autocast's weight cache is cleared when the autocast region exits
     # backward: nll_loss grad, log_softmax grad, cast back to the logits dtype, lm_head
     g_nll = new(plan.vocab_fp32)
@@ -375,6 +393,7 @@ def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[
         free(head_copy)
     free_all(final)
     free(inputs.pop())  # the final norm's input
+    emb = -1
     for _ in range(plan.layers):
         unsharded = tr.unshard(plan.layer_weights) if fsdp else []
         layer_grads: list[int] = []
@@ -408,7 +427,11 @@ def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[
         else:
             grads.extend(layer_grads)
         if plan.checkpoint:
-            free(inputs.pop())
+            x = inputs.pop()
+            if inputs or held is None or not plan.held_input:
+                free(x)
+            else:  # the embedding output, a leaf that requires grad
+                emb = x
     if plan.embed_grad:
         grads.append(new(plan.embed_grad))
     if plan.tied_accumulate and grads:
@@ -419,7 +442,10 @@ def _forward_backward(plan: TracePlan, tr: _Tracer, workspace: int = 0) -> list[
         free(part)
         free(grads[0])
         grads[0] = total
-    free(g_hidden)
+    if emb >= 0 and held is not None:  # g_hidden is its `.grad` (freed first when `loss` goes)
+        held.extend((g_hidden, emb))
+    else:
+        free(g_hidden)
     free_all(inputs)
     free_all(shared)
     free_all(root)

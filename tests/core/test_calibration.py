@@ -17,14 +17,9 @@ RUNS = load_runs()
 # intermediates the checkpointed layer frees as it goes.
 # Runs over 10% whose cause is found but not yet modelled, each bounded (a test below fails when one is
 # fixed, so it leaves this list):
-# - e-gemma3-mixtral-fp16-007 (Gemma-3-4B QLoRA r64 all-linear b4 s1024, -17.4%): its real allocator
-#   made a 4 GiB segment in the second step's backward; app/core/allocsim.py, fed that run's own recorded
-#   allocations (profiles/trace-e-gemma3-mixtral-fp16-007.jsonl.gz), finds a free block instead and
-#   reserves 19.59 GiB against the real 23.63: a placement rule of CUDACachingAllocator the replica
-#   lacks (it first places a 160 MiB block elsewhere than the real one, event 10204 of the trace).
 # - c-large-008 (Qwen3-30B-A3B cut to 8 layers, LoRA, -10.2%): the MoE checkpoint conversion at load is
 #   estimated (moe_load.py), not replayed; after step 1 the replay reserves 15.00 GiB, the trace 16.78.
-KNOWN_MISSES = {"e-gemma3-mixtral-fp16-007": 0.18, "c-large-008": 0.11}
+KNOWN_MISSES = {"c-large-008": 0.11}
 
 
 @pytest.mark.skipif(not RUNS, reason="no measured runs in data/calibration/*.jsonl yet")

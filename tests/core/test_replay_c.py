@@ -130,6 +130,7 @@ def _plans(draw: st.DrawFn) -> TracePlan:
         layer_weights=draw(_sizes) if shards > 1 else (),
         root_weights=draw(_sizes) if shards > 1 else (),
         softcap=draw(st.booleans()),
+        held_input=draw(st.booleans()),
     )
 
 
