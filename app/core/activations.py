@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from app.core import moe_lora
 from app.core.architecture import Architecture
 from app.core.keys import field_values
+from app.core.params import param_bytes
 from app.core.setup import TrainingSetup
 
 ALL_LINEAR = "all-linear"
@@ -89,11 +91,15 @@ def flash_kernels(arch: Architecture, setup: TrainingSetup) -> bool:
 
 
 def lora_target_names(arch: Architecture, targets: tuple[str, ...]) -> frozenset[str]:
-    """Per-layer Linear names LoRA wraps; peft's all-linear means every nn.Linear but the lm_head."""
+    """Per-layer Linear names LoRA wraps (peft's all-linear: every nn.Linear but the lm_head), plus the
+    MoE parameters it wraps (moe_lora: GATE_UP, DOWN, ROUTER)."""
     names = {lin.name for lin in arch.linears}
-    if any(t.lower() in (ALL_LINEAR, "all_linear") for t in targets):
-        return frozenset(names)
-    return frozenset(t for t in targets if t in names)
+    every = any(t.lower() in (ALL_LINEAR, "all_linear") for t in targets)
+    chosen = names if every else {t for t in targets if t in names}
+    converted = moe_lora.mapping(arch)
+    # peft moves the converted v4 names from target_modules to target_parameters: a Qwen2-MoE shared
+    # expert's gate_proj/up_proj/down_proj (same names) are no longer wrapped.
+    return frozenset(chosen - converted.keys()) | moe_lora.param_targets(arch, targets, every)
 
 
 @dataclass(frozen=True)
@@ -341,12 +347,14 @@ def layer_transient_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[i
     return tuple(t)
 
 
-def moe_extra(arch: Architecture, setup: TrainingSetup) -> int:
+def moe_extra(arch: Architecture, setup: TrainingSetup, wrapped: frozenset[str] = frozenset()) -> int:
     """Bytes per token a sparse-MoE layer saves in place of a dense MLP."""
-    return sum(moe_tensors(arch, setup))
+    return sum(moe_tensors(arch, setup, wrapped))
 
 
-def moe_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[int, ...]:
+def moe_tensors(
+    arch: Architecture, setup: TrainingSetup, wrapped: frozenset[str] = frozenset()
+) -> tuple[int, ...]:
     """The tensors (bytes per token) transformers 5.17's `grouped_mm_experts_forward` keeps for backward.
 
     Each token is routed to k experts: its hidden state is gathered k times (sorted by expert), run
@@ -363,7 +371,8 @@ def moe_tensors(arch: Architecture, setup: TrainingSetup) -> tuple[int, ...]:
     route = [2 * out * mi, out * mi]  # masked gate_up output, act(gate)
     if d.weights_trainable:
         route += [d.residual * h, out * mi, out * h]  # gathered input, down input, down output
-    return (*(k * n for n in route), 4 * e)
+    elem = moe_lora.weight_bytes(setup.method, param_bytes(setup))
+    return (*(k * n for n in route), 4 * e, *moe_lora.saved_per_token(arch, wrapped, elem, out))
 
 
 def moe_backward_scratch(arch: Architecture, setup: TrainingSetup) -> int:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from app.core import activations as act
+from app.core import moe_lora
 from app.core.allocator import CUBLAS_WORKSPACE_THREAD_BYTES
 from app.core.architecture import Architecture
 from app.core.loading import load_script
@@ -73,7 +74,7 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         # the experts replace the dense MLP: grouped_mm_experts_forward's routed copies
         k, mi, out = arch.experts_per_token, arch.moe_intermediate_size, d.linear_out
         routed_h, routed_mi = k * h * tok, k * mi * tok
-        op_saved["act"] = [n * tok for n in act.moe_tensors(arch, setup)]
+        op_saved["act"] = [n * tok for n in act.moe_tensors(arch, setup, targets)]
         op_saved["down_proj"] = []
         op_grad_in["act"] = d.residual * h * tok
         op_scratch["act"] = [out * routed_h, out * routed_h, 2 * out * routed_mi, out * routed_mi]
@@ -86,7 +87,19 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
             out * routed_h,
         ]
     elif arch.is_moe:
-        op_saved["act"] += [n * tok for n in act.moe_tensors(arch, setup)]
+        op_saved["act"] += [n * tok for n in act.moe_tensors(arch, setup, targets)]
+    gate_up, down = moe_lora.folded(arch, targets, moe_lora.weight_bytes(setup.method, param_bytes(setup)))
+    if gate_up or down:
+        # LoRA on the experts (moe_lora): grouped_mm saves each folded W + BA for its backward, which
+        # makes a weight gradient as large; the first forward holds both folds through the experts.
+        if gate_up:
+            op_saved["act"].append(gate_up)
+            op_scratch["act"] = [*op_scratch["act"], gate_up]
+        if down:
+            op_saved["down_proj"] = [*op_saved["down_proj"], down]
+            op_scratch["down_proj"] = [*op_scratch["down_proj"], down]
+        if gate_up and down and setup.gradient_checkpointing and scratch_op == "act":
+            fwd_scratch = [*fwd_scratch, down]
 
     op_shapes, opt_params = _param_shapes(arch, act.shape_key(setup), targets)
     op_dequant: list[tuple[int, ...]] = []
@@ -189,6 +202,12 @@ def _param_shapes(
         if o.name == "act" and full and all_moe:
             e, mi = arch.num_experts, arch.moe_intermediate_size
             shapes.extend([(e * 2 * mi, h), (e * h, mi), (e, h)])
+        if not full and o.name in ("act", "down_proj"):
+            # LoRA on the router and the fused experts: their ParamWrappers' gradients come with the
+            # experts' backward, down_proj's first (moe_lora); the same order in model.parameters().
+            for ep in moe_lora.expert_params(arch, targets, setup.lora_rank):
+                if (ep.name == moe_lora.DOWN) == (o.name == "down_proj"):
+                    shapes.extend([ep.a, ep.b])
         op_shapes.append(tuple(shapes))
         layer_params.extend(shapes)
     if full:

@@ -45,6 +45,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
+from app.core import moe_lora
 from app.core.architecture import Architecture, Linear
 from app.core.keys import HashOnceTuple
 from app.core.params import param_bytes
@@ -426,8 +427,23 @@ def _single(
         size = 4 if adapter_elem == 2 else adapter_elem
         for (ha, hb), (idx, i, o) in zip(made, wrapped, strict=True):
             lora[idx] = ((rank, i, ha, size), (o, rank, hb, size))
+        _expert_adapters(s, arch, targets, rank, 4 if quantize else elem)
     ops = tuple(s.ops)
     return (ops[:loaded], ops[loaded:], ()), s.count, tuple(live), lora
+
+
+def _expert_adapters(s: _Script, arch: Architecture, targets: frozenset[str], rank: int, elem: int) -> None:
+    """peft's ParamWrappers on MoE parameters (moe_lora), injected after every module target: A and B
+    in the parameter's dtype (fp32 experts under QLoRA), 16-bit ones then replaced by fp32 copies."""
+    wrapped = moe_lora.expert_params(arch, targets, rank)
+    if not wrapped:
+        return
+    sizes = [n for p in wrapped for n in (p.a[0] * p.a[1], p.b[0] * p.b[1])] * arch.num_moe_layers
+    made = [s.alloc(n * elem) for n in sizes]
+    if elem == 2:
+        for h, n in zip(made, sizes, strict=True):
+            s.alloc(n * 4)
+            s.free(h)
 
 
 @lru_cache(maxsize=1024)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from app.core import activations as act
+from app.core import moe_lora
 from app.core.allocator import (
     CUBLAS_WORKSPACE_BYTES,
     GIB,
@@ -82,6 +83,7 @@ class _Static:
     layer: act.LayerActivations
     layer_masked: act.LayerActivations
     moe_extra: int
+    expert_folds: tuple[int, int]  # one layer's W + BA of LoRA-wrapped experts (gate_up, down)
     dense_mlp: int
     logits: act.LogitsBytes
 
@@ -93,7 +95,7 @@ _shape_key = act.shape_key
 def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
     targets = act.lora_target_names(arch, setup.lora_targets) if setup.method != "full" else frozenset()
     if setup.method != "full":
-        linear_names = {lin.name for lin in arch.linears}
+        linear_names = {lin.name for lin in arch.linears} | moe_lora.mapping(arch).keys()
         unknown = [
             t
             for t in setup.lora_targets
@@ -125,7 +127,8 @@ def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
         step_temp=_allocated(list(opt.step_temp_groups)),
         layer=act.layer_activations(arch, setup, targets),
         layer_masked=act.layer_activations(arch, setup, targets, masked=True),
-        moe_extra=act.moe_extra(arch, setup),
+        moe_extra=act.moe_extra(arch, setup, targets),
+        expert_folds=moe_lora.folded(arch, targets, moe_lora.weight_bytes(setup.method, param_bytes(setup))),
         dense_mlp=act.moe_dense_mlp_saved(arch, setup),
         logits=act.logits_bytes(arch, setup),
     )
@@ -195,6 +198,9 @@ def estimate_memory(
     ]
     moe_share = arch.num_moe_layers / arch.num_layers if arch.num_layers else 0.0
     layer_saved_max = max(b for _, b in layer_kinds) + (moe_delta * tokens if arch.num_moe_layers else 0)
+    # LoRA-wrapped experts save their folded W + BA per MoE layer (moe_lora)
+    folds = sum(st.expert_folds)
+    layer_saved_max += folds
     final_norm = 4 * arch.hidden_size + dtypes.residual * arch.hidden_size
     logits = st.logits
 
@@ -204,6 +210,7 @@ def estimate_memory(
         recompute = layer_saved_max
     else:
         kept_all = sum(k * b for k, b in layer_kinds) + int(arch.num_layers * moe_share * moe_delta * tokens)
+        kept_all += arch.num_moe_layers * folds
         kept_all += eager_mask + shared_mask
         kept_per_layer = layer_saved_max
         recompute = 0
@@ -212,7 +219,8 @@ def estimate_memory(
     math = act.sdpa_math(arch, setup) and arch.num_layers > n_masked
     transient = layer.transient * tokens + (0 if math else layer.attn_scores_transient) * scores
     if arch.num_moe_layers:
-        transient += act.moe_backward_scratch(arch, setup) * tokens
+        # plus the weight gradient of the fold being back-propagated
+        transient += act.moe_backward_scratch(arch, setup) * tokens + max(st.expert_folds)
     embed_out = dtypes.residual * arch.hidden_size * tokens
 
     head_grads = 0
@@ -397,6 +405,13 @@ def estimate_memory(
         )
     if setup.method != "full":
         assumptions.append("LoRA adapters are fp32 (peft autocast_adapter_dtype=True).")
+    if any(st.expert_folds):
+        held = "the layer being recomputed holds" if setup.gradient_checkpointing else "every MoE layer keeps"
+        assumptions.append(
+            "LoRA on the MoE experts (peft target_parameters under transformers 5): each forward folds "
+            f"W + BA into a copy of the expert weights ({sum(st.expert_folds) / 2**30:.2f} GiB per layer), "
+            f"which {held} until its backward."
+        )
     if multi:
         assumptions.append(
             f"{setup.parallelism} over {n} GPUs: per-GPU memory; multi-GPU terms are not calibrated."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
+from app.core import moe_lora
 from app.core.architecture import Architecture
 from app.core.quant import nf4_tensors
 from app.core.setup import TrainingSetup
@@ -59,6 +60,9 @@ def lora_groups(arch: Architecture, targets: frozenset[str], rank: int) -> list[
         if lin.name in targets:
             groups.append(ParamGroup("lora_A", rank, lin.in_features, lin.layers))
             groups.append(ParamGroup("lora_B", lin.out_features, rank, lin.layers))
+    for p in moe_lora.expert_params(arch, targets, rank):  # peft ParamWrapper on MoE parameters
+        groups.append(ParamGroup("lora_A", *p.a, arch.num_moe_layers))
+        groups.append(ParamGroup("lora_B", *p.b, arch.num_moe_layers))
     return groups
 
 

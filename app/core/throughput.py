@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from app.core import moe_lora
 from app.core.activations import dtypes_for, lora_target_names, masked_sliding, sdpa_math
 from app.core.architecture import Architecture
 from app.core.gpu import GpuSpec, interconnect_of
@@ -157,7 +158,9 @@ CALIBRATION = Calibration(
         "h200-j-blind-gaps (21 runs predicted before they ran: Qwen3 dense, 8-bit/paged/SGD/Adafactor "
         "LoRA and QLoRA, fp32 and amp_fp16 LoRA, eager at 4096), "
         "h200-l-blind-load (8 common setups predicted before they ran: Gemma-2-9B, Mistral-7B, "
-        "Qwen2.5-7B/14B, Llama-3.2-3B/3.1-8B, Phi-3-mini, Gemma-3-4B)"
+        "Qwen2.5-7B/14B, Llama-3.2-3B/3.1-8B, Phi-3-mini, Gemma-3-4B), "
+        "h200-m-blind-wide (20 setups predicted before they ran: Phi-4, DeepSeek-R1-Distill-Qwen-7B, "
+        "TinyLlama, Gemma-2 under SDPA, fp32 and amp_bf16 full, Qwen3-MoE QLoRA all-linear)"
     ),
 )
 
@@ -291,7 +294,11 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
     fwd, recompute, bwd_act, bwd_w = layer_flops * t, layer_flops * t if gc else 0.0, layer_flops * t, 0.0
     if full:
         bwd_w = layer_flops * t
-    expert_passes = 2 + (1 if gc else 0) + (1 if full else 0)  # fwd, dX, recompute, dW
+    # LoRA on the experts (moe_lora) folds W + BA per forward and needs the experts' weight gradient
+    wrapped = moe_lora.expert_params(arch, targets, r) if not full else ()
+    expert_numel = 3 * h * arch.moe_intermediate_size * arch.num_experts or 1
+    w_share = sum(p.numel for p in wrapped if p.name != moe_lora.ROUTER) / expert_numel
+    expert_passes = 2 + (1 if gc else 0) + (1 if full else w_share)  # fwd, dX, recompute, dW
     fp32_flops = 2.0 * experts_active * t * expert_passes if experts_fp32 else 0.0
     if head_fp32:
         fp32_flops += head * t * (3 if full else 2)
@@ -303,6 +310,11 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         bwd_act += head * t
         bwd_w += head * t if full else 0.0
     passes = [(fwd, layer_w + (0 if head_fp32 else head_w)), (bwd_act, layer_w)]
+    fold_flops, fold_bytes = _folds(wrapped, arch.num_moe_layers, gc, 4 if experts_fp32 else w_elem)
+    if experts_fp32:
+        fp32_flops += fold_flops
+    elif fold_flops:
+        passes.append((fold_flops, 0))
     if gc:
         passes.append((recompute, layer_w))
     if full:
@@ -381,12 +393,15 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         score = c.score_bytes_eager if setup.attention == "eager" else c.score_bytes_math
         score += 24.0 if arch.attn_logit_softcapping else 0.0
         stream += score * layers * arch.num_heads * s * t
+    stream += fold_bytes
     if qlora:  # every NF4 weight is dequantized in forward, in backward, and again in the recompute
         stream += c.dequant_bytes * lin * (2 + (1 if gc else 0))
     if d.autocast:  # fp32 master weights cast to 16-bit per forward (and recompute): read 4, write 2
         stream += 6.0 * (lin + experts_all + h * v) * (1 + (1 if gc else 0))
 
-    trainable = arch.params_total if full else adapter
+    trainable = arch.params_total if full else adapter + arch.num_moe_layers * sum(
+        p.a[0] * p.a[1] + p.b[0] * p.b[1] for p in wrapped
+    )
     p_elem = 4 if (not full or setup.precision in ("fp32", "amp_bf16", "amp_fp16")) else 2
     opt_bytes = trainable * _optimizer_bytes(setup.optimizer, p_elem, c)
 
@@ -435,6 +450,22 @@ def _work(arch: Architecture, setup: TrainingSetup, grad_accum: int, cal: Calibr
         lora=(lora_flops, lora_bytes),
         expert_pass_flops=0.0 if experts_fp32 else 2.0 * experts_active * t,
     )
+
+
+def _folds(
+    wrapped: tuple[moe_lora.ExpertParam, ...], layers: int, gc: bool, elem: int
+) -> tuple[float, float]:
+    """FLOPs and bytes of peft's W + BA folds of LoRA-wrapped experts (moe_lora) per micro-step.
+
+    Each fold is a baddbmm, E x (in x rank) @ (rank x out), made per forward and recompute, and its
+    backward two more of the same size (the factors' gradients from the W-sized gradient); each reads
+    W and writes W', and the backward writes and twice reads the W-sized gradient.
+    """
+    folds = 1 + (1 if gc else 0)
+    experts = [p for p in wrapped if p.name != moe_lora.ROUTER]
+    flops = sum(2.0 * p.numel * p.rank * (folds + 2) for p in experts)
+    numel = sum(p.numel for p in experts)
+    return flops * layers, float(numel * elem * (2 * folds + 3) * layers)
 
 
 def _optimizer_bytes(optimizer: str, p_elem: int, cal: Calibration) -> float:

@@ -23,8 +23,18 @@ ALL = ("all-linear",)
         ("llama-3.1-8b", 16, ("q_proj", "v_proj"), 6_815_744),
         ("mistral-7b-v0.3", 16, ("q_proj", "v_proj"), 6_815_744),
         ("qwen2.5-7b", 8, ("q_proj", "v_proj"), 2_523_136),
-        # Mixtral in transformers 5: only attention is nn.Linear; all-linear = q,k,v,o
-        ("mixtral-8x7b-v0.1", 16, ALL, 32 * 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)),
+        # Mixtral in transformers 5: only attention is nn.Linear, and peft 0.21 adds the router and the
+        # fused experts as target_parameters (moe_lora): r(h + E), 2r x E(h + 2mi), r x E(mi + h)
+        (
+            "mixtral-8x7b-v0.1",
+            16,
+            ALL,
+            32 * (16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2) + 16 * (4096 + 8)
+                  + 32 * 8 * (4096 + 2 * 14336) + 16 * 8 * (14336 + 4096)),
+        ),
+        ("mixtral-8x7b-v0.1", 16, ("q_proj", "v_proj"), 32 * 16 * ((4096 + 4096) + (4096 + 1024))),
+        ("mixtral-8x7b-v0.1", 8, ("w1", "w3"), 32 * 16 * 8 * (4096 + 2 * 14336)),
+        ("qwen3-30b-a3b", 16, ("down_proj",), 48 * 16 * 128 * (768 + 2048)),
     ],
 )
 def test_lora_trainable_params(slug: str, rank: int, targets: tuple[str, ...], expected: int) -> None:
@@ -94,6 +104,30 @@ def test_absurd_sequence_answers_at_once_with_a_warning() -> None:
     assert time.perf_counter() - t0 < 0.05
     codes = {w.code for w in est.warnings}
     assert "seq_len_beyond_context" in codes and "absurd_size" in codes
+
+
+def test_half_of_the_fused_gate_up_is_refused_like_peft() -> None:
+    """peft 0.21 raises a ValueError when w1 is targeted without w3 (both live in gate_up_proj)."""
+    with pytest.raises(CoreInputError) as err:
+        estimate_memory(arch("mixtral-8x7b-v0.1"), TrainingSetup("lora", lora_targets=("w1",)))
+    assert err.value.field == "lora_targets"
+    assert "w3" in str(err.value)
+
+
+def test_lora_on_experts_saves_a_folded_weight_per_moe_layer_without_checkpointing() -> None:
+    """W + BA of both expert tensors (bf16) is kept by every MoE layer until its backward."""
+    a = arch("qwen3-30b-a3b")
+    folded = 128 * 3 * 2048 * 768 * 2  # gate_up (2 x 768) and down, bf16, per layer
+    peaks = {}
+    for targets in (("q_proj", "v_proj"), ALL):
+        for gc in (True, False):
+            s = TrainingSetup("lora", lora_targets=targets, gradient_checkpointing=gc, seq_len=512)
+            peaks[targets, gc] = estimate_memory(a, s).peak_bytes
+    qv = ("q_proj", "v_proj")
+    growth, growth_gc = (peaks[ALL, gc] - peaks[qv, gc] for gc in (False, True))
+    # with checkpointing only the layer being recomputed holds them: the other 47 layers' folds go
+    # (less the adapters' gradients, which the no-checkpointing peak, at the top of backward, lacks)
+    assert 42 * folded < growth - growth_gc < 49 * folded
 
 
 def test_unknown_lora_target_blames_lora_targets() -> None:
