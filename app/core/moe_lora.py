@@ -28,6 +28,7 @@ from app.core.errors import CoreInputError
 GATE_UP = "experts.gate_up_proj"
 DOWN = "experts.down_proj"
 ROUTER = "gate.weight"
+PARAMS = frozenset({GATE_UP, DOWN, ROUTER})
 
 # v4 module name -> the transformers 5 parameter it now lives in (peft _MOE_TARGET_MODULE_MAPPING)
 _MAPPING = {

@@ -160,7 +160,9 @@ CALIBRATION = Calibration(
         "h200-l-blind-load (8 common setups predicted before they ran: Gemma-2-9B, Mistral-7B, "
         "Qwen2.5-7B/14B, Llama-3.2-3B/3.1-8B, Phi-3-mini, Gemma-3-4B), "
         "h200-m-blind-wide (20 setups predicted before they ran: Phi-4, DeepSeek-R1-Distill-Qwen-7B, "
-        "TinyLlama, Gemma-2 under SDPA, fp32 and amp_bf16 full, Qwen3-MoE QLoRA all-linear)"
+        "TinyLlama, Gemma-2 under SDPA, fp32 and amp_bf16 full, Qwen3-MoE QLoRA all-linear), "
+        "h200-n-moe-lora (6 MoE runs with LoRA on experts and routers, predicted before they ran; "
+        "the parametrization's host cost then fitted on n-moe-lora-006)"
     ),
 )
 
@@ -457,11 +459,14 @@ def _folds(
 ) -> tuple[float, float]:
     """FLOPs and bytes of peft's W + BA folds of LoRA-wrapped experts (moe_lora) per micro-step.
 
-    Each fold is a baddbmm, E x (in x rank) @ (rank x out), made per forward and recompute, and its
-    backward two more of the same size (the factors' gradients from the W-sized gradient); each reads
-    W and writes W', and the backward writes and twice reads the W-sized gradient.
+    Each fold is a baddbmm, E x (in x rank) @ (rank x out), made twice per forward and recompute:
+    register_parametrization (unsafe=False) evaluates the new parametrization once to check its dtype
+    and shape (torch/nn/utils/parametrize.py, ParametrizationList.__init__) before the cached
+    evaluation the experts use. Its backward makes two more of the same size (the factors' gradients
+    from the W-sized gradient); each fold reads W and writes W', and the backward writes and twice
+    reads the W-sized gradient.
     """
-    folds = 1 + (1 if gc else 0)
+    folds = 2 * (1 + (1 if gc else 0))
     experts = [p for p in wrapped if p.name != moe_lora.ROUTER]
     flops = sum(2.0 * p.numel * p.rank * (folds + 2) for p in experts)
     numel = sum(p.numel for p in experts)

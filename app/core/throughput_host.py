@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from app.core.activations import dtypes_for
+from app.core import moe_lora
 from app.core.architecture import Architecture
 from app.core.setup import TrainingSetup
 
@@ -44,6 +45,12 @@ _HOST_OPS_MOE_BWD = 37
 # LoRA twins' host time runs 0.85 x faster in the harness than in the profiler's process (c-large-008 and
 # e-013 against those profiles), so 3.4 x 0.85 = 2.9 ms = 165 op equivalents at host_s_per_kernel.
 _HOST_OPS_MOE_FULL_BWD = 165
+# peft's ParamWrapper (LoRA on MoE parameters, moe_lora) registers a parametrization on its module at every
+# forward and removes it after (`_activate_lora`: torch.nn.utils.parametrize.register_parametrization, which
+# swaps the module's class for a new one, and remove_parametrizations): Python work without launches. Fitted
+# on batch n (n-moe-lora-006: the router's wrapper alone, 2.4 ms per layer over two forwards, i.e. ~68 op
+# equivalents a wrapper and forward), checked on n-001..005 and m-blind-wide-014.
+_HOST_OPS_PARAM_WRAPPER = 68
 HOST_OPS_HEAD_AND_LOSS = 40  # embedding, final norm, lm_head, fp32 upcast, log_softmax, nll, grads
 
 
@@ -52,7 +59,8 @@ def host_kernels(arch: Architecture, setup: TrainingSetup, targets: frozenset[st
     d = dtypes_for(setup)
     full, qlora, gc = setup.method == "full", setup.method == "qlora", setup.gradient_checkpointing
     layers = arch.num_layers
-    n_lin, n_lora = len(arch.linears), len(targets)
+    params = targets & moe_lora.PARAMS  # peft ParamWrappers (MoE router / experts), not Linear wrappers
+    n_lin, n_lora = len(arch.linears), len(targets - params)
     base_ops = _HOST_OPS_PER_LAYER + (_HOST_OPS_EAGER if setup.attention == "eager" else 0)
     # extra norms: Gemma's pre/post norms, and Qwen3/Gemma 3 RMSNorms on q and k (per head)
     extra = max(arch.norms_per_layer - 2, 0) + (2 if arch.qk_norm else 0)
@@ -70,7 +78,9 @@ def host_kernels(arch: Architecture, setup: TrainingSetup, targets: frozenset[st
     n_wrap = n_lora + (n_lin if qlora else 0)
     gc_ops = (fwd_ops + c.host_ops_gc_per_layer + n_wrap * c.host_ops_gc_per_wrapper) if gc else 0.0
     moe_ops = _HOST_OPS_MOE_FWD * (1 + (1 if gc else 0)) + _HOST_OPS_MOE_BWD
-    moe_ops += _HOST_OPS_MOE_FULL_BWD if full else 0
+    experts_train = full or bool(params - {moe_lora.ROUTER})
+    moe_ops += _HOST_OPS_MOE_FULL_BWD if experts_train else 0
+    moe_ops += _HOST_OPS_PARAM_WRAPPER * len(params) * (1 + (1 if gc else 0))
     kernels = layers * (fwd_ops + bwd_ops + gc_ops) + arch.num_moe_layers * moe_ops + HOST_OPS_HEAD_AND_LOSS
     kernels += c.host_ops_per_trained_tensor * trained_tensors(arch, setup, targets)
     if setup.num_gpus > 1 and setup.parallelism in ("fsdp", "zero3"):
@@ -92,7 +102,9 @@ def fallback_expert_mms(arch: Architecture, setup: TrainingSetup) -> float:
 def trained_tensors(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> int:
     """How many parameter tensors receive gradients (AccumulateGrad nodes, optimizer tensor lists)."""
     if setup.method != "full":
-        return 2 * sum(x.layers for x in arch.linears if x.name in targets)
+        return 2 * sum(x.layers for x in arch.linears if x.name in targets) + 2 * arch.num_moe_layers * len(
+            targets & moe_lora.PARAMS
+        )
     tensors = (
         1 + (0 if arch.tie_embeddings else 1) + sum(x.layers * (2 if x.bias else 1) for x in arch.linears)
     )
