@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.core.activations import dtypes_for
 from app.core import moe_lora
+from app.core.activations import dtypes_for
 from app.core.architecture import Architecture
 from app.core.setup import TrainingSetup
 
