@@ -254,6 +254,69 @@ def _materialize_plain(
     return live, first
 
 
+def _convert_experts(
+    s: _Script, fused: list[tuple[int, int, int]], experts: int, elem: int
+) -> list[tuple[int, int]]:
+    """transformers 5's weight converter on one MoE layer's per-expert checkpoint tensors.
+
+    `fused`: (index, elements, halves) of the layer's fused expert tensors in checkpoint order. The
+    loader's threads materialize every per-expert source (natural key order: expert by expert); then
+    each source list is stacked (MergeModulelist, a new tensor) and freed, and gate_up's two stacks are
+    concatenated (Concatenate) and freed.  Allocation trace c-large-008 (profiles/trace-*.jsonl.gz):
+    3 x 128 sources of 3 MiB, three 384 MiB stacks, one 768 MiB concatenation per Qwen3-MoE layer.
+    """
+    parts = [(idx, numel * elem // halves // experts) for idx, numel, halves in fused for _ in range(halves)]
+    sources = [[0] * experts for _ in parts]
+    for e in range(experts):
+        for p, (_, nbytes) in enumerate(parts):
+            sources[p][e] = s.alloc(nbytes)
+    stacks: dict[int, list[int]] = {}
+    for p, (idx, nbytes) in enumerate(parts):
+        stacks.setdefault(idx, []).append(s.alloc(nbytes * experts))
+        for k in sources[p]:
+            s.free(k)
+    live: list[tuple[int, int]] = []
+    for idx, numel, halves in fused:
+        if halves == 1:
+            live.append((idx, stacks[idx][0]))
+            continue
+        live.append((idx, s.alloc(numel * elem)))
+        for k in stacks[idx]:
+            s.free(k)
+    return live
+
+
+def _materialize_layer(
+    s: _Script, arch: Architecture, shape: tuple[bool, ...], quantize: bool, elem: int, dq: bool, first: bool
+) -> tuple[list[tuple[int, int]], bool]:
+    """One decoder layer's tensors in checkpoint order, its fused MoE experts converted on the way."""
+    order = list(_checkpoint_order(arch, shape, quantize))
+    halves = _expert_halves(arch, shape, quantize)
+    live: list[tuple[int, int]] = []
+    plain: list[tuple[int, int, bool]] = []
+    fused = [(idx, numel, halves[idx]) for idx, numel, _ in order if idx in halves]
+    for item in order:
+        if item[0] not in halves:
+            plain.append(item)
+        elif item[0] == fused[0][0]:  # the layer's first expert key: the converter's work happens here
+            done, first = _materialize_plain(s, plain, elem, dq, first)
+            live += done
+            plain = []
+            live += _convert_experts(s, fused, arch.num_experts, elem)
+    done, first = _materialize_plain(s, plain, elem, dq, first)
+    return live + done, first
+
+
+@lru_cache(maxsize=256)
+def _expert_halves(arch: Architecture, shape: tuple[bool, ...], quantize: bool) -> dict[int, int]:
+    """Position -> how many per-expert source lists make it, for a layer's fused expert tensors."""
+    out: dict[int, int] = {}
+    for pos, (key, _, _, _) in enumerate(_layer_tensors(arch, shape, quantize)):
+        if ".experts.0." in key:
+            out[pos] = 2 if key.split(".")[-2] in ("gate_proj", "w1") else 1
+    return out
+
+
 def _materialize(
     s: _Script, arch: Architecture, tensors: tuple[Tensor, ...], elem: int, double_quant: bool
 ) -> list[int]:
@@ -272,8 +335,7 @@ def _materialize(
         tpl = templates.get((shape, first))
         if tpl is None:
             sub = _Script()
-            order = list(_checkpoint_order(arch, shape, quantize))
-            sub_live, now_first = _materialize_plain(sub, order, elem, double_quant, first)
+            sub_live, now_first = _materialize_layer(sub, arch, shape, quantize, elem, double_quant, first)
             tpl = templates[(shape, first)] = (sub.ops, sub.count, sub_live, now_first)
         ops, count, sub_live, first = tpl
         base = s.append(ops, count)

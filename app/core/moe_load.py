@@ -16,6 +16,11 @@ from app.core.setup import TrainingSetup
 # -015: 4,699,380,736 B, g = 1,879,048,192), Qwen3-30B-A3B (8 layers) 3.0 g (c-large-007/008, its 3 MB
 # per-expert tensors share 20 MB segments); the QLoRA load, whose other Linears are quantized in
 # between, 2.0 g for both (e-014: 3,761,354,752 B; c-large-009: 1,621,698,560 B).
+# The load replay now plays the converter's tensors layer after layer (loading._convert_experts, from
+# trace-c-large-008); the real loader's threads also materialize the next layer's sources into the
+# holes the converter frees (16 of 384 per Qwen3-MoE layer in that trace), which the replay leaves out,
+# so its load ends with less reserved than measured (Qwen3-MoE 11.58 vs 12.70 GiB, Mixtral 13.93 vs
+# 15.68): these measured amounts stay a floor under the peak.
 _LOAD_EXCESS_G = 2.5
 _LOAD_EXCESS_G_QLORA = 2.0
 # QLoRA: prepare_model_for_kbit_training casts each bf16 expert tensor to fp32 (a new tensor twice the

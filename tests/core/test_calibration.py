@@ -8,18 +8,11 @@ from app.core.calibration import compare, load_runs, markdown_table, summary
 
 RUNS = load_runs()
 
-# Runs over 10% whose mechanism is found but not modelled yet; each must stay over 10% (fixing it should
-# remove it from here) and within its bound.  l-blind-load-001 (Gemma-2-9B QLoRA eager 2x2048, predicted
-# blind at +11.6%): the replay's peak allocated matches the run (25.59 vs 25.53 GiB) but its reserved
-# bytes do not, because its forward is per layer, not per op: one dequantized 98 MiB down_proj weight per
-# layer, whose freed block the layer's output then splits, so each of 42 layers opens a new 98 MiB
-# segment and strands 42 MiB; the real forward dequantizes each Linear4bit in turn between
-# intermediates the checkpointed layer frees as it goes.
 # Runs over 10% whose cause is found but not yet modelled, each bounded (a test below fails when one is
-# fixed, so it leaves this list):
-# - c-large-008 (Qwen3-30B-A3B cut to 8 layers, LoRA, -10.2%): the MoE checkpoint conversion at load is
-#   estimated (moe_load.py), not replayed; after step 1 the replay reserves 15.00 GiB, the trace 16.78.
-KNOWN_MISSES = {"c-large-008": 0.11}
+# fixed, so it leaves this list).  None now: c-large-008 (Qwen3-30B-A3B cut to 8 layers, LoRA) was -10.2%
+# while the MoE checkpoint conversion at load was only estimated; replayed (loading._convert_experts,
+# from its allocation trace) it is -6.4%.
+KNOWN_MISSES: dict[str, float] = {}
 
 
 @pytest.mark.skipif(not RUNS, reason="no measured runs in data/calibration/*.jsonl yet")
