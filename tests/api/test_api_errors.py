@@ -41,6 +41,8 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"budget_usd": -5}, "budget_usd"),
     ({"method": "lora", "lora_targets": ["q_proj", "not_a_module"]}, "lora_targets"),
     ({"method": "lora", "lora_targets": ["q proj; drop"]}, "lora_targets"),
+    # peft refuses half of transformers 5's fused gate_up (w1 without w3)
+    ({"model": "mixtral-8x7b-v0.1", "method": "lora", "lora_targets": ["w1"]}, "lora_targets"),
     ({"model": None, "model_config": _config_without("hidden_size")}, "model_config"),
     ({"model_config": {"hidden_size": 4096}}, "model_config"),
     ({"model": None, "model_config": _config_with(kv_lora_rank=8)}, "model_config"),  # latent attention

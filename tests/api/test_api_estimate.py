@@ -233,3 +233,18 @@ def test_blank_query_fields_mean_the_defaults(client: TestClient) -> None:
     r = client.get("/api/estimate?" + query_string(ARTICLE_4090) + "&" + blank)
     assert r.status_code == 200, r.text
     assert r.json() == estimate(client, ARTICLE_4090)
+
+
+def test_lora_on_mixtral_experts_by_their_v4_names(client: TestClient) -> None:
+    """w1/w2/w3 (and all-linear) reach the fused experts through peft's target_parameters (moe_lora)."""
+    base = {"model": "mixtral-8x7b-v0.1", "method": "qlora", "gpu": "h200", "seq_len": 1024}
+    qv = client.post("/api/estimate", json={**base, "lora_targets": ["q_proj", "v_proj"]}).json()
+    experts = client.post("/api/estimate", json={**base, "lora_targets": ["w1", "w2", "w3"]}).json()
+    # 32 layers x rank 16 x 8 experts x ((4096 + 2 x 14336) x 2 + (14336 + 4096))
+    assert experts["params"]["trainable"] == 32 * 16 * 8 * ((4096 + 2 * 14336) * 2 + (14336 + 4096))
+    # one layer's folded fp32 gate_up and down (5.25 GiB) ride with the recomputed layer's activations;
+    # the peak grows less, as the load's cached conversion blocks (moe_load_cache) absorb most of it
+    act = [r["memory"]["breakdown_gib"]["activations"] for r in (qv, experts)]
+    assert act[1] > act[0] + 5.25
+    assert experts["memory"]["peak_gib"] > qv["memory"]["peak_gib"]
+    assert any("folds W + BA" in a for a in experts["assumptions"])
