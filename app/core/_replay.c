@@ -1077,10 +1077,205 @@ static PyObject *py_simulate(PyObject *self, PyObject *args) {
     return found;
 }
 
+/* ---- templates: one plan per setup shape, its sizes evaluated for each batch x seq ---- */
+
+/* A plan's size that depends on the batch shape: a0 + a1 s + a2 s^2 + b (b0 + b1 s + b2 s^2) bytes for
+ * batch b and length s (trace.py fits the six coefficients; every size the plan makes has that form). */
+typedef struct {
+    int64_t *at;
+    int64_t c[6];
+} Leaf;
+
+typedef struct {
+    Plan p;
+    Leaf *leaves;
+    int64_t n_leaves;
+    PyObject *loaded; /* the load() capsule the steps resume from (a reference held) */
+} Template;
+
+#define TEMPLATE "tunefit._replay.Template"
+
+/* Every int of the plan in trace._flat's order after (script, shards), as pointers; `structural[i]`
+ * marks the counts and flags (never batch-dependent).  Returns the count, or -1 when out of memory. */
+static int64_t plan_leaves(Plan *p, int64_t **out, char *structural) {
+    int64_t n = 0;
+#define LEAF(ptr, st) do { if (out) { out[n] = (ptr); structural[n] = (st); } n++; } while (0)
+#define LEAVES(arr) do { for (int64_t i_ = 0; i_ < (arr).n; i_++) LEAF(&(arr).v[i_], 0); } while (0)
+    LEAF(&p->layers, 1);
+    for (int64_t o = 0; o < p->n_ops; o++) {
+        LEAF(&p->ops[o].count, 1);
+        LEAVES(p->ops[o].grads);
+        LEAF(&p->ops[o].grad_in, 0);
+        LEAVES(p->ops[o].scratch);
+        LEAVES(p->ops[o].dequant);
+    }
+    LEAVES(p->opt_states);
+    LEAVES(p->opt_temps);
+    LEAF(&p->adafactor, 1);
+    LEAVES(p->head_grads);
+    LEAF(&p->embed_grad, 0);
+    LEAF(&p->tied, 0);
+    LEAVES(p->layer_saved);
+    LEAVES(p->layer_transient);
+    LEAVES(p->layer_copies);
+    LEAF(&p->head_copy, 0);
+    LEAF(&p->cache_copies, 1);
+    LEAF(&p->checkpoint, 1);
+    LEAVES(p->final_saved);
+    LEAF(&p->hidden, 0);
+    LEAF(&p->logits, 0);
+    LEAF(&p->logits_fp32, 0);
+    LEAF(&p->vocab_fp32, 0);
+    LEAVES(p->shared);
+    LEAF(&p->dequant, 0);
+    LEAVES(p->layer_weights);
+    LEAVES(p->root_weights);
+    LEAF(&p->softcap, 1);
+    LEAF(&p->workspace, 0);
+    LEAF(&p->transient_op, 1);
+#undef LEAVES
+#undef LEAF
+    return n;
+}
+
+static void template_free(PyObject *capsule) {
+    Template *t = (Template *)PyCapsule_GetPointer(capsule, TEMPLATE);
+    if (!t) return;
+    plan_release(&t->p);
+    free(t->leaves);
+    Py_XDECREF(t->loaded);
+    free(t);
+}
+
+/* The leaves (index, six coefficients) that vary with the batch shape, on the template's plan. */
+static int template_leaves(Template *t, PyObject *spec) {
+    int64_t total = plan_leaves(&t->p, NULL, NULL);
+    int64_t **all = (int64_t **)malloc(sizeof(int64_t *) * (size_t)(total ? total : 1));
+    char *structural = (char *)malloc((size_t)(total ? total : 1));
+    PyObject *seq = PySequence_Fast(spec, "template: expected a sequence of leaves");
+    int rc = -1;
+    if (!all || !structural || !seq) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    plan_leaves(&t->p, all, structural);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    t->leaves = (Leaf *)calloc((size_t)(n ? n : 1), sizeof(Leaf));
+    if (!t->leaves) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long idx, c[6];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LLLLLLL", &idx, &c[0], &c[1], &c[2], &c[3],
+                              &c[4], &c[5]))
+            goto done;
+        if (idx < 0 || idx >= total || structural[idx]) {
+            PyErr_SetString(PyExc_ValueError, "template: a leaf that is no batch-dependent size");
+            goto done;
+        }
+        t->leaves[i].at = all[idx];
+        for (int k = 0; k < 6; k++) t->leaves[i].c[k] = c[k];
+    }
+    t->n_leaves = n;
+    rc = 0;
+done:
+    Py_XDECREF(seq);
+    free(all);
+    free(structural);
+    return rc;
+}
+
+/* template(loaded, leaves, <the plan after shards>): a plan whose batch-dependent sizes resume_at()
+ * evaluates; None when a size is past the C replay's range. */
+static PyObject *py_template(PyObject *self, PyObject *args) {
+    (void)self;
+    if (PyTuple_GET_SIZE(args) < 2) {
+        PyErr_SetString(PyExc_TypeError, "template(loaded, leaves, ...): missing arguments");
+        return NULL;
+    }
+    PyObject *loaded = PyTuple_GET_ITEM(args, 0);
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(loaded, LOADED);
+    if (!ld) return NULL;
+    Template *t = (Template *)calloc(1, sizeof(Template));
+    if (!t) return PyErr_NoMemory();
+    long long steps = 0;
+    int rc = parse_rest(args, 2, &t->p, &steps);
+    if (rc == 0) rc = template_leaves(t, PyTuple_GET_ITEM(args, 1));
+    if (rc) {
+        plan_release(&t->p);
+        free(t->leaves);
+        free(t);
+        if (rc == -1) return NULL;
+        Py_RETURN_NONE;
+    }
+    t->p.shards = ld->shards;
+    Py_INCREF(loaded);
+    t->loaded = loaded;
+    PyObject *capsule = PyCapsule_New(t, TEMPLATE, NULL);
+    if (!capsule) {
+        Py_DECREF(loaded);
+        plan_release(&t->p);
+        free(t->leaves);
+        free(t);
+        return NULL;
+    }
+    if (PyCapsule_SetDestructor(capsule, template_free)) {
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    return capsule;
+}
+
+/* c0 + c1 s + c2 s^2 into `out`: 0, or -1 past int64. */
+static inline int quadratic(const int64_t *c, int64_t s, int64_t *out) {
+    int64_t x, y;
+    if (__builtin_mul_overflow(c[2], s, &x) || __builtin_add_overflow(x, c[1], &x) ||
+        __builtin_mul_overflow(x, s, &x) || __builtin_add_overflow(x, c[0], &y))
+        return -1;
+    *out = y;
+    return 0;
+}
+
+/* The template's sizes for batch b and length s: 0, or -1 when one is negative or past MAX_TENSOR. */
+static int evaluate(Template *t, int64_t b, int64_t s) {
+    for (int64_t i = 0; i < t->n_leaves; i++) {
+        const int64_t *c = t->leaves[i].c;
+        int64_t per_seq, per_batch, v;
+        if (quadratic(c, s, &per_seq) || quadratic(c + 3, s, &per_batch) ||
+            __builtin_mul_overflow(per_batch, b, &v) || __builtin_add_overflow(v, per_seq, &v))
+            return -1;
+        if (v < 0 || v > MAX_TENSOR) return -1;
+        *t->leaves[i].at = v;
+    }
+    return 0;
+}
+
+/* resume_at(template, batch, seq, steps): the steps of the template's plan at that batch shape,
+ * from its load() snapshot; None when a size is past the C replay's range. */
+static PyObject *py_resume_at(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    long long b, s, steps;
+    if (!PyArg_ParseTuple(args, "OLLL", &capsule, &b, &s, &steps)) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Template *t = (Template *)PyCapsule_GetPointer(capsule, TEMPLATE);
+    if (!t) return NULL;
+    if (evaluate(t, b, s)) Py_RETURN_NONE;
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(t->loaded, LOADED);
+    if (!ld) return NULL;
+    return replay(&t->p, ld, steps);
+}
+
 static PyMethodDef methods[] = {
     {"simulate", py_simulate, METH_VARARGS, "Replay a flattened trace plan; return (peak allocated, peak reserved)."},
     {"load", py_load, METH_VARARGS, "The allocator after a load script (and the FSDP shards), for resume()."},
     {"resume", py_resume, METH_VARARGS, "Replay the steps of a flattened plan from a load() snapshot."},
+    {"template", py_template, METH_VARARGS, "A plan whose batch-dependent sizes resume_at() evaluates."},
+    {"resume_at", py_resume_at, METH_VARARGS, "Replay a template's steps at one batch size and length."},
     {NULL, NULL, 0, NULL},
 };
 
