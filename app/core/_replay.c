@@ -95,11 +95,16 @@ static int grow(void **ptr, int64_t *cap, int64_t need, size_t elem) {
     return 0;
 }
 
-static int grow32(void **ptr, int32_t *cap, int64_t need, size_t elem) {
+static int grow32_slow(void **ptr, int32_t *cap, int64_t need, size_t elem) {
     int64_t c = *cap;
     if (need > INT32_MAX || grow(ptr, &c, need, elem)) return -1;
     *cap = (int32_t)c;
     return 0;
+}
+
+/* grow32's common case (room left) inline: the bins and block lists check on every operation */
+static inline __attribute__((always_inline)) int grow32(void **ptr, int32_t *cap, int64_t need, size_t elem) {
+    return need <= *cap ? 0 : grow32_slow(ptr, cap, need, elem);
 }
 
 static inline void vec_push(Vec *v, int64_t x, int *err) {
@@ -121,7 +126,7 @@ static int size_bin(int64_t size) {
 /* Index in bin `b` of the first block whose (size, addr) is not below (size, addr).  Bins hold a few
  * blocks (a handful in a QLoRA step, up to some hundred in full fine-tuning): a binary search down
  * to eight, then a scan. */
-static inline int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
+static inline __attribute__((always_inline)) int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
     const Free *f = s->bin[b];
     int64_t lo = 0, hi = s->bin_n[b];
     while (hi - lo > 8) {
@@ -135,7 +140,7 @@ static inline int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t add
 
 /* Block `id` (of `size` bytes at `addr`, passed in: reading back the Block just written stalls the
  * load on those stores) into its bin. */
-static inline void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
+static inline __attribute__((always_inline)) void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     int b = size_bin(size);
     if (s->bin_n[b] == s->bin_cap[b] &&
         grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
@@ -153,7 +158,7 @@ static inline void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-static inline void free_remove_at(Sim *s, int b, int64_t i) {
+static inline __attribute__((always_inline)) void free_remove_at(Sim *s, int b, int64_t i) {
     Free *f = s->bin[b];
     int64_t n = --s->bin_n[b];
     if (n - i > 4) memmove(&f[i], &f[i + 1], (size_t)(n - i) * sizeof(Free));
@@ -161,7 +166,7 @@ static inline void free_remove_at(Sim *s, int b, int64_t i) {
     if (n == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
-static inline void free_remove(Sim *s, int32_t id) {
+static inline __attribute__((always_inline)) void free_remove(Sim *s, int32_t id) {
     int b = size_bin(s->blocks[id].size);
     int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
     if (i >= s->bin_n[b] || s->bin[b][i].id != id) {
@@ -173,7 +178,7 @@ static inline void free_remove(Sim *s, int32_t id) {
 
 /* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
  * out of the bins; NO_BLOCK when none is that large. */
-static inline int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
+static inline __attribute__((always_inline)) int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
     int b = size_bin(size);
     int64_t i = lower_bound(s, b, size, -1);
     if (i < s->bin_n[b]) {
@@ -200,7 +205,7 @@ static inline int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_
     return NO_BLOCK;
 }
 
-static int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
+static inline __attribute__((always_inline)) int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
     int32_t id;
     if (s->n_spare) {
         id = s->spare_ids[--s->n_spare];
@@ -220,7 +225,7 @@ static int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32
     return id;
 }
 
-static void block_drop(Sim *s, int32_t id) {
+static inline __attribute__((always_inline)) void block_drop(Sim *s, int32_t id) {
     if (grow32((void **)&s->spare_ids, &s->cap_spare, (int64_t)s->n_spare + 1, sizeof(int32_t))) {
         s->err = 1;
         return;
@@ -228,7 +233,7 @@ static void block_drop(Sim *s, int32_t id) {
     s->spare_ids[s->n_spare++] = id;
 }
 
-static inline void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
+static inline __attribute__((always_inline)) void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
     int64_t i = handle - s->base;
     if (i < 0) {
         s->err = 3;
