@@ -77,6 +77,8 @@ typedef struct {
     uint64_t nonempty[(NBINS + 63) / 64];
     Live *live; /* per handle - base */
     int64_t cap_live;
+    int32_t *pend; /* free_all's blocks freed but not yet merged and binned */
+    int32_t cap_pend;
     /* the replay's handles start after the load's, which it never frees (the load's live blocks are
      * walls), so the per-handle arrays start at `base`; entries up to handle `hi` are set */
     int64_t base, hi;
@@ -368,6 +370,7 @@ static void sim_release(Sim *s) {
     free(s->spare_ids);
     for (int b = 0; b < NBINS; b++) free(s->bin[b]);
     free(s->live);
+    free(s->pend);
 }
 
 /* An empty allocator whose first handle will be `base`, keeping `s`'s buffers (a replay reuses the
@@ -523,8 +526,61 @@ static void fold(Tracer *t) {
 
 #define ERR(t) ((t)->err || (t)->sim.err || (t)->ag.err || (t)->rs.err)
 
+#define PENDING 2 /* Block.is_free of a block free_all freed and has not merged and binned yet */
+#define MERGED 3  /* Block.is_free of a block free_all merged into its left neighbour (dropped) */
+
+/* Free every handle in order.  Freed neighbours always merge, so whatever the order of some frees
+ * with no allocation between them, the free blocks after them are the same: the maximal runs of
+ * free blocks in each segment.  So the handles' blocks are marked first, then each run is merged
+ * and binned once, where freeing one at a time bins and unbins each intermediate merge (a layer's
+ * saved tensors, freed together, often lie side by side). */
 static void free_all(Sim *s, const int64_t *h, int64_t n) {
-    for (int64_t i = 0; i < n; i++) sim_free(s, h[i]);
+    if (n < 2) {
+        if (n) sim_free(s, h[0]);
+        return;
+    }
+    if (grow32((void **)&s->pend, &s->cap_pend, n, sizeof(int32_t))) {
+        s->err = 1;
+        return;
+    }
+    Block *blocks = s->blocks;
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t i = h[j] - s->base;
+        if (i < 0 || h[j] > s->hi || s->live[i].block == NOT_LIVE) {
+            s->err = 3;
+            return;
+        }
+        int32_t id = (int32_t)s->live[i].block;
+        s->live[i].block = NOT_LIVE;
+        s->allocated -= s->live[i].size;
+        if (id == SMALL_LIVE) {
+            s->small -= s->live[i].size;
+        } else {
+            blocks[id].is_free = PENDING;
+            s->pend[k++] = id;
+        }
+    }
+    for (int32_t j = 0; j < k; j++) {
+        int32_t start = s->pend[j];
+        if (blocks[start].is_free != PENDING) continue; /* merged or binned with an earlier run */
+        int32_t prv;
+        while ((prv = blocks[start].prev) != NO_BLOCK && blocks[prv].is_free) start = prv;
+        if (blocks[start].is_free == 1) free_remove(s, start);
+        int64_t total = blocks[start].size;
+        int32_t nxt;
+        while ((nxt = blocks[start].next) != NO_BLOCK && blocks[nxt].is_free) {
+            if (blocks[nxt].is_free == 1) free_remove(s, nxt);
+            total += blocks[nxt].size;
+            int32_t nn = blocks[start].next = blocks[nxt].next;
+            if (nn != NO_BLOCK) blocks[nn].prev = start;
+            blocks[nxt].is_free = MERGED;
+            block_drop(s, nxt);
+        }
+        blocks[start].size = total;
+        blocks[start].is_free = 1;
+        free_insert(s, start, total, blocks[start].addr);
+    }
 }
 
 static void new_all(Tracer *t, const Arr *sizes, Vec *out) {
