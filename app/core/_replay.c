@@ -260,10 +260,12 @@ static void sim_reserve(Sim *s, int64_t bytes) {
     if (s->reserved > s->peak_reserved) s->peak_reserved = s->reserved;
 }
 
-/* AllocatorSim.new */
-static inline int64_t sim_new(Sim *s, int64_t nbytes) {
-    int64_t handle = ++s->handles;
-    int64_t size = nbytes > MIN_BLOCK ? ceil_div(nbytes, MIN_BLOCK) * MIN_BLOCK : MIN_BLOCK;
+static inline int64_t block_bytes(int64_t nbytes) {
+    return nbytes > MIN_BLOCK ? ceil_div(nbytes, MIN_BLOCK) * MIN_BLOCK : MIN_BLOCK;
+}
+
+/* An allocation's count in allocated bytes and, for a small one, in the small pool (its segments). */
+static inline void count_new(Sim *s, int64_t size) {
     s->allocated += size;
     if (s->allocated > s->peak_allocated) s->peak_allocated = s->allocated;
     if (size <= SMALL_SIZE) {
@@ -273,6 +275,20 @@ static inline int64_t sim_new(Sim *s, int64_t nbytes) {
             if (more) sim_reserve(s, more * SMALL_BUFFER);
             s->small_peak = s->small;
         }
+    }
+}
+
+static inline void count_free(Sim *s, int64_t size) {
+    s->allocated -= size;
+    if (size <= SMALL_SIZE) s->small -= size;
+}
+
+/* AllocatorSim.new */
+static inline int64_t sim_new(Sim *s, int64_t nbytes) {
+    int64_t handle = ++s->handles;
+    int64_t size = block_bytes(nbytes);
+    count_new(s, size);
+    if (size <= SMALL_SIZE) {
         live_set(s, handle, SMALL_LIVE, size);
         return handle;
     }
@@ -583,6 +599,45 @@ static void free_all(Sim *s, const int64_t *h, int64_t n) {
     }
 }
 
+/* Bytes of the largest free block of the large pool (0 when none). */
+static inline int64_t largest_free(const Sim *s) {
+    for (int w = (NBINS + 63) / 64 - 1; w >= 0; w--) {
+        if (s->nonempty[w]) {
+            int b = 64 * w + 63 - __builtin_clzll(s->nonempty[w]);
+            return s->bin[b][s->bin_n[b] - 1].size;
+        }
+    }
+    return 0;
+}
+
+/* Closed groups: allocations that all die before the group ends (a 4-bit op's dequantized weights
+ * and products, a layer's transients) leave the large pool's free blocks as they found them unless
+ * one made a segment, since free neighbours always merge: the free blocks are the segments' runs
+ * outside the live blocks, and the group leaves those as it found them.  None makes a segment when
+ * the largest free block holds all of the group's large allocations at once: whichever blocks they
+ * take, each finds at worst the untouched rest of that block, which only they shorten.  Such a group
+ * is only counted (allocated bytes, the small pool, its handles), not placed. */
+static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t size = block_bytes(sizes[i]);
+        if (size > SMALL_SIZE) total += size;
+    }
+    return total;
+}
+
+/* `free(new(nbytes))`, counted only when the largest free block holds it (a closed group of one). */
+static inline void new_free(Sim *s, int64_t nbytes) {
+    int64_t size = block_bytes(nbytes);
+    if (size <= SMALL_SIZE || size <= largest_free(s)) {
+        s->handles++;
+        count_new(s, size);
+        count_free(s, size);
+    } else {
+        sim_free(s, sim_new(s, nbytes));
+    }
+}
+
 static void new_all(Tracer *t, const Arr *sizes, Vec *out) {
     for (int64_t i = 0; i < sizes->n; i++) vec_push(out, sim_new(&t->sim, sizes->v[i]), &t->err);
 }
@@ -633,6 +688,24 @@ static void lists_release(Lists *l) {
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
+/* first_pass's closed group of one op, counted only: each 4-bit weight dequantized, its product made,
+ * the weight freed; the transients made and freed; the products freed (the order sets the peaks). */
+static void count_op_group(Sim *s, const Op *op, const Arr *transient) {
+    for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
+        int64_t w = block_bytes(op->dequant.v[j]);
+        count_new(s, w);
+        count_new(s, block_bytes(op->dequant.v[j + 1]));
+        count_free(s, w);
+        s->handles += 2;
+    }
+    if (transient) {
+        for (int64_t i = 0; i < transient->n; i++) count_new(s, block_bytes(transient->v[i]));
+        for (int64_t i = 0; i < transient->n; i++) count_free(s, block_bytes(transient->v[i]));
+        s->handles += transient->n;
+    }
+    for (int64_t j = 1; j < op->dequant.n; j += 2) count_free(s, block_bytes(op->dequant.v[j]));
+}
+
 /* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
  * next op has run; a 4-bit linear's dequantized weight is freed once its product is made.  Leaves the
  * last op's tensors in l->layer. */
@@ -649,13 +722,20 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
         free_all(sim, l->layer.d, l->layer.d_len);
         l->layer.d_len = 0;
         for (int64_t i = 0; i < l->cur.d_len; i++) vec_push(&l->layer, l->cur.d[i], &t->err);
+        int transients = k == p->transient_op;
+        int64_t need = large_bytes(op->dequant.v, op->dequant.n);
+        if (transients) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
+        if (need <= largest_free(sim)) {
+            count_op_group(sim, op, transients ? &p->layer_transient : NULL);
+            continue;
+        }
         l->tmp.d_len = 0;
         for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
             int64_t w = sim_new(sim, op->dequant.v[j]);
             vec_push(&l->tmp, sim_new(sim, op->dequant.v[j + 1]), &t->err);
             sim_free(sim, w);
         }
-        if (k == p->transient_op) {
+        if (transients) {
             l->scratch.d_len = 0;
             new_all(t, &p->layer_transient, &l->scratch);
             free_all(sim, l->scratch.d, l->scratch.d_len);
@@ -687,7 +767,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
         } else {
             new_all(t, &p->layer_saved, &l->layer);
             new_all(t, &p->layer_transient, &l->tmp);
-            if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+            if (p->dequant) new_free(sim, p->dequant);
         }
         int64_t out = sim_new(sim, p->hidden);
         free_all(sim, l->tmp.d, l->tmp.d_len);
@@ -766,7 +846,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             saved = l->saved.d + l->saved.d_len;
         }
         if (ERR(t)) break;
-        if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+        if (p->dequant) new_free(sim, p->dequant);
         int64_t end = nsaved;
         for (int64_t o = p->n_ops - 1; o >= 0; o--) {
             const Op *op = &p->ops[o];
@@ -860,7 +940,7 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
         temps.d_len = 0;
         for (int64_t i = 0; i < p->opt_temps.n; i++) {
             int64_t temp = p->opt_temps.v[i];
-            if (temp && p->adafactor) sim_free(sim, sim_new(sim, temp));
+            if (temp && p->adafactor) new_free(sim, temp);
             else if (temp) vec_push(&temps, sim_new(sim, temp), &t->err);
         }
         free_all(sim, temps.d, temps.d_len);

@@ -69,6 +69,7 @@ _size = st.one_of(
     st.integers(64 << 20, 4 << 30),
 )
 _sizes = st.lists(_size, max_size=6).map(tuple)
+_pairs = st.lists(st.tuples(_size, _size), max_size=3).map(lambda ps: tuple(x for pair in ps for x in pair))
 _op = st.tuples(
     st.integers(0, 2),
     st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), max_size=3).map(tuple),
@@ -132,6 +133,10 @@ def _plans(draw: st.DrawFn) -> TracePlan:
         layer_weights=draw(_sizes) if shards > 1 else (),
         root_weights=draw(_sizes) if shards > 1 else (),
         softcap=draw(st.booleans()),
+        workspace=draw(st.sampled_from([0, 32 << 20])),
+        # QLoRA's (dequantized weight, product) pairs per op, which the checkpointed first pass makes
+        op_dequant=tuple(draw(_pairs) for _ in ops) if draw(st.booleans()) else (),
+        transient_op=draw(st.integers(0, len(ops) - 1)),
     )
 
 
