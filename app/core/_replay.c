@@ -1,7 +1,10 @@
 /* The allocator replay of trace.py/allocsim.py in C: the same operations in the same order, so the
- * same (peak allocated, peak reserved) bytes, 20-50x faster.  A plan with a tensor over 1 TiB returns
- * None (64-bit sums) and trace.py replays it in Python, as it does when this module is not built;
- * tests/core/test_replay_c.py compares the two on every calibration run and random plans.
+ * same (peak allocated, peak reserved) bytes, 20-80x faster.  Two shortcuts leave the same free blocks
+ * as the Python replay's one-by-one operations (free neighbours always merge, so the free blocks are a
+ * function of the live ones): a list of frees merges each run once (free_all), and a closed group that
+ * provably makes no segment is only counted (count_op_group, new_free).  A plan with a tensor over
+ * 1 TiB returns None (64-bit sums) and trace.py replays it in Python, as it does when this module is
+ * not built; tests/core/test_replay_c.py compares the two on every calibration run and random plans.
  *
  * Allocator rules (c10/cuda/CUDACachingAllocator.cpp, see allocsim.py): round up to 512 bytes;
  * requests <= 1 MiB come from a small pool counted in whole 2 MiB segments; larger ones take the
@@ -16,6 +19,8 @@
 /* GCC turns the bins' few-entry shifts into memmove calls, which cost more than the moves */
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
+/* the bins' and blocks' helpers: GCC left some out of line, and each replay calls them thousands of times */
+#define INLINE static inline __attribute__((always_inline))
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
@@ -77,6 +82,8 @@ typedef struct {
     uint64_t nonempty[(NBINS + 63) / 64];
     Live *live; /* per handle - base */
     int64_t cap_live;
+    int32_t *pend; /* free_all's blocks freed but not yet merged and binned */
+    int32_t cap_pend;
     /* the replay's handles start after the load's, which it never frees (the load's live blocks are
      * walls), so the per-handle arrays start at `base`; entries up to handle `hi` are set */
     int64_t base, hi;
@@ -95,11 +102,16 @@ static int grow(void **ptr, int64_t *cap, int64_t need, size_t elem) {
     return 0;
 }
 
-static int grow32(void **ptr, int32_t *cap, int64_t need, size_t elem) {
+static int grow32_slow(void **ptr, int32_t *cap, int64_t need, size_t elem) {
     int64_t c = *cap;
     if (need > INT32_MAX || grow(ptr, &c, need, elem)) return -1;
     *cap = (int32_t)c;
     return 0;
+}
+
+/* grow32's common case (room left) inline: the bins and block lists check on every operation */
+INLINE int grow32(void **ptr, int32_t *cap, int64_t need, size_t elem) {
+    return need <= *cap ? 0 : grow32_slow(ptr, cap, need, elem);
 }
 
 static inline void vec_push(Vec *v, int64_t x, int *err) {
@@ -121,7 +133,7 @@ static int size_bin(int64_t size) {
 /* Index in bin `b` of the first block whose (size, addr) is not below (size, addr).  Bins hold a few
  * blocks (a handful in a QLoRA step, up to some hundred in full fine-tuning): a binary search down
  * to eight, then a scan. */
-static inline int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
+INLINE int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
     const Free *f = s->bin[b];
     int64_t lo = 0, hi = s->bin_n[b];
     while (hi - lo > 8) {
@@ -135,7 +147,7 @@ static inline int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t add
 
 /* Block `id` (of `size` bytes at `addr`, passed in: reading back the Block just written stalls the
  * load on those stores) into its bin. */
-static inline void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
+INLINE void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     int b = size_bin(size);
     if (s->bin_n[b] == s->bin_cap[b] &&
         grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
@@ -153,7 +165,7 @@ static inline void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-static inline void free_remove_at(Sim *s, int b, int64_t i) {
+INLINE void free_remove_at(Sim *s, int b, int64_t i) {
     Free *f = s->bin[b];
     int64_t n = --s->bin_n[b];
     if (n - i > 4) memmove(&f[i], &f[i + 1], (size_t)(n - i) * sizeof(Free));
@@ -161,7 +173,7 @@ static inline void free_remove_at(Sim *s, int b, int64_t i) {
     if (n == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
-static inline void free_remove(Sim *s, int32_t id) {
+INLINE void free_remove(Sim *s, int32_t id) {
     int b = size_bin(s->blocks[id].size);
     int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
     if (i >= s->bin_n[b] || s->bin[b][i].id != id) {
@@ -173,7 +185,7 @@ static inline void free_remove(Sim *s, int32_t id) {
 
 /* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
  * out of the bins; NO_BLOCK when none is that large. */
-static inline int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
+INLINE int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
     int b = size_bin(size);
     int64_t i = lower_bound(s, b, size, -1);
     if (i < s->bin_n[b]) {
@@ -200,7 +212,7 @@ static inline int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_
     return NO_BLOCK;
 }
 
-static int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
+INLINE int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
     int32_t id;
     if (s->n_spare) {
         id = s->spare_ids[--s->n_spare];
@@ -220,7 +232,7 @@ static int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32
     return id;
 }
 
-static void block_drop(Sim *s, int32_t id) {
+INLINE void block_drop(Sim *s, int32_t id) {
     if (grow32((void **)&s->spare_ids, &s->cap_spare, (int64_t)s->n_spare + 1, sizeof(int32_t))) {
         s->err = 1;
         return;
@@ -228,7 +240,7 @@ static void block_drop(Sim *s, int32_t id) {
     s->spare_ids[s->n_spare++] = id;
 }
 
-static inline void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
+INLINE void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
     int64_t i = handle - s->base;
     if (i < 0) {
         s->err = 3;
@@ -253,10 +265,12 @@ static void sim_reserve(Sim *s, int64_t bytes) {
     if (s->reserved > s->peak_reserved) s->peak_reserved = s->reserved;
 }
 
-/* AllocatorSim.new */
-static inline int64_t sim_new(Sim *s, int64_t nbytes) {
-    int64_t handle = ++s->handles;
-    int64_t size = nbytes > MIN_BLOCK ? ceil_div(nbytes, MIN_BLOCK) * MIN_BLOCK : MIN_BLOCK;
+static inline int64_t block_bytes(int64_t nbytes) {
+    return nbytes > MIN_BLOCK ? ceil_div(nbytes, MIN_BLOCK) * MIN_BLOCK : MIN_BLOCK;
+}
+
+/* An allocation's count in allocated bytes and, for a small one, in the small pool (its segments). */
+static inline void count_new(Sim *s, int64_t size) {
     s->allocated += size;
     if (s->allocated > s->peak_allocated) s->peak_allocated = s->allocated;
     if (size <= SMALL_SIZE) {
@@ -266,6 +280,20 @@ static inline int64_t sim_new(Sim *s, int64_t nbytes) {
             if (more) sim_reserve(s, more * SMALL_BUFFER);
             s->small_peak = s->small;
         }
+    }
+}
+
+static inline void count_free(Sim *s, int64_t size) {
+    s->allocated -= size;
+    if (size <= SMALL_SIZE) s->small -= size;
+}
+
+/* AllocatorSim.new */
+static inline int64_t sim_new(Sim *s, int64_t nbytes) {
+    int64_t handle = ++s->handles;
+    int64_t size = block_bytes(nbytes);
+    count_new(s, size);
+    if (size <= SMALL_SIZE) {
         live_set(s, handle, SMALL_LIVE, size);
         return handle;
     }
@@ -363,6 +391,7 @@ static void sim_release(Sim *s) {
     free(s->spare_ids);
     for (int b = 0; b < NBINS; b++) free(s->bin[b]);
     free(s->live);
+    free(s->pend);
 }
 
 /* An empty allocator whose first handle will be `base`, keeping `s`'s buffers (a replay reuses the
@@ -518,8 +547,100 @@ static void fold(Tracer *t) {
 
 #define ERR(t) ((t)->err || (t)->sim.err || (t)->ag.err || (t)->rs.err)
 
+#define PENDING 2 /* Block.is_free of a block free_all freed and has not merged and binned yet */
+#define MERGED 3  /* Block.is_free of a block free_all merged into its left neighbour (dropped) */
+
+/* Free every handle in order.  Freed neighbours always merge, so whatever the order of some frees
+ * with no allocation between them, the free blocks after them are the same: the maximal runs of
+ * free blocks in each segment.  So the handles' blocks are marked first, then each run is merged
+ * and binned once, where freeing one at a time bins and unbins each intermediate merge (a layer's
+ * saved tensors, freed together, often lie side by side). */
 static void free_all(Sim *s, const int64_t *h, int64_t n) {
-    for (int64_t i = 0; i < n; i++) sim_free(s, h[i]);
+    if (n < 2) {
+        if (n) sim_free(s, h[0]);
+        return;
+    }
+    if (grow32((void **)&s->pend, &s->cap_pend, n, sizeof(int32_t))) {
+        s->err = 1;
+        return;
+    }
+    Block *blocks = s->blocks;
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t i = h[j] - s->base;
+        if (i < 0 || h[j] > s->hi || s->live[i].block == NOT_LIVE) {
+            s->err = 3;
+            return;
+        }
+        int32_t id = (int32_t)s->live[i].block;
+        s->live[i].block = NOT_LIVE;
+        s->allocated -= s->live[i].size;
+        if (id == SMALL_LIVE) {
+            s->small -= s->live[i].size;
+        } else {
+            blocks[id].is_free = PENDING;
+            s->pend[k++] = id;
+        }
+    }
+    for (int32_t j = 0; j < k; j++) {
+        int32_t start = s->pend[j];
+        if (blocks[start].is_free != PENDING) continue; /* merged or binned with an earlier run */
+        int32_t prv;
+        while ((prv = blocks[start].prev) != NO_BLOCK && blocks[prv].is_free) start = prv;
+        if (blocks[start].is_free == 1) free_remove(s, start);
+        int64_t total = blocks[start].size;
+        int32_t nxt;
+        while ((nxt = blocks[start].next) != NO_BLOCK && blocks[nxt].is_free) {
+            if (blocks[nxt].is_free == 1) free_remove(s, nxt);
+            total += blocks[nxt].size;
+            int32_t nn = blocks[start].next = blocks[nxt].next;
+            if (nn != NO_BLOCK) blocks[nn].prev = start;
+            blocks[nxt].is_free = MERGED;
+            block_drop(s, nxt);
+        }
+        blocks[start].size = total;
+        blocks[start].is_free = 1;
+        free_insert(s, start, total, blocks[start].addr);
+    }
+}
+
+/* Bytes of the largest free block of the large pool (0 when none). */
+static inline int64_t largest_free(const Sim *s) {
+    for (int w = (NBINS + 63) / 64 - 1; w >= 0; w--) {
+        if (s->nonempty[w]) {
+            int b = 64 * w + 63 - __builtin_clzll(s->nonempty[w]);
+            return s->bin[b][s->bin_n[b] - 1].size;
+        }
+    }
+    return 0;
+}
+
+/* Closed groups: allocations that all die before the group ends (a 4-bit op's dequantized weights
+ * and products, a layer's transients) leave the large pool's free blocks as they found them unless
+ * one made a segment, since free neighbours always merge: the free blocks are the segments' runs
+ * outside the live blocks, and the group leaves those as it found them.  None makes a segment when
+ * the largest free block holds all of the group's large allocations at once: whichever blocks they
+ * take, each finds at worst the untouched rest of that block, which only they shorten.  Such a group
+ * is only counted (allocated bytes, the small pool, its handles), not placed. */
+static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t size = block_bytes(sizes[i]);
+        if (size > SMALL_SIZE) total += size;
+    }
+    return total;
+}
+
+/* `free(new(nbytes))`, counted only when the largest free block holds it (a closed group of one). */
+static inline void new_free(Sim *s, int64_t nbytes) {
+    int64_t size = block_bytes(nbytes);
+    if (size <= SMALL_SIZE || size <= largest_free(s)) {
+        s->handles++;
+        count_new(s, size);
+        count_free(s, size);
+    } else {
+        sim_free(s, sim_new(s, nbytes));
+    }
 }
 
 static void new_all(Tracer *t, const Arr *sizes, Vec *out) {
@@ -572,6 +693,24 @@ static void lists_release(Lists *l) {
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
+/* first_pass's closed group of one op, counted only: each 4-bit weight dequantized, its product made,
+ * the weight freed; the transients made and freed; the products freed (the order sets the peaks). */
+static void count_op_group(Sim *s, const Op *op, const Arr *transient) {
+    for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
+        int64_t w = block_bytes(op->dequant.v[j]);
+        count_new(s, w);
+        count_new(s, block_bytes(op->dequant.v[j + 1]));
+        count_free(s, w);
+        s->handles += 2;
+    }
+    if (transient) {
+        for (int64_t i = 0; i < transient->n; i++) count_new(s, block_bytes(transient->v[i]));
+        for (int64_t i = 0; i < transient->n; i++) count_free(s, block_bytes(transient->v[i]));
+        s->handles += transient->n;
+    }
+    for (int64_t j = 1; j < op->dequant.n; j += 2) count_free(s, block_bytes(op->dequant.v[j]));
+}
+
 /* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
  * next op has run; a 4-bit linear's dequantized weight is freed once its product is made.  Leaves the
  * last op's tensors in l->layer. */
@@ -588,13 +727,20 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
         free_all(sim, l->layer.d, l->layer.d_len);
         l->layer.d_len = 0;
         for (int64_t i = 0; i < l->cur.d_len; i++) vec_push(&l->layer, l->cur.d[i], &t->err);
+        int transients = k == p->transient_op;
+        int64_t need = large_bytes(op->dequant.v, op->dequant.n);
+        if (transients) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
+        if (need <= largest_free(sim)) {
+            count_op_group(sim, op, transients ? &p->layer_transient : NULL);
+            continue;
+        }
         l->tmp.d_len = 0;
         for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
             int64_t w = sim_new(sim, op->dequant.v[j]);
             vec_push(&l->tmp, sim_new(sim, op->dequant.v[j + 1]), &t->err);
             sim_free(sim, w);
         }
-        if (k == p->transient_op) {
+        if (transients) {
             l->scratch.d_len = 0;
             new_all(t, &p->layer_transient, &l->scratch);
             free_all(sim, l->scratch.d, l->scratch.d_len);
@@ -629,7 +775,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
         } else {
             new_all(t, &p->layer_saved, &l->layer);
             new_all(t, &p->layer_transient, &l->tmp);
-            if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+            if (p->dequant) new_free(sim, p->dequant);
         }
         int64_t out = sim_new(sim, p->hidden);
         free_all(sim, l->tmp.d, l->tmp.d_len);
@@ -711,7 +857,7 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             saved = l->saved.d + l->saved.d_len;
         }
         if (ERR(t)) break;
-        if (p->dequant) sim_free(sim, sim_new(sim, p->dequant));
+        if (p->dequant) new_free(sim, p->dequant);
         int64_t end = nsaved;
         for (int64_t o = p->n_ops - 1; o >= 0; o--) {
             const Op *op = &p->ops[o];
@@ -815,7 +961,7 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
         temps.d_len = 0;
         for (int64_t i = 0; i < p->opt_temps.n; i++) {
             int64_t temp = p->opt_temps.v[i];
-            if (temp && p->adafactor) sim_free(sim, sim_new(sim, temp));
+            if (temp && p->adafactor) new_free(sim, temp);
             else if (temp) vec_push(&temps, sim_new(sim, temp), &t->err);
         }
         free_all(sim, temps.d, temps.d_len);
@@ -1094,10 +1240,205 @@ static PyObject *py_simulate(PyObject *self, PyObject *args) {
     return found;
 }
 
+/* ---- templates: one plan per setup shape, its sizes evaluated for each batch x seq ---- */
+
+/* A plan's size that depends on the batch shape: a0 + a1 s + a2 s^2 + b (b0 + b1 s + b2 s^2) bytes for
+ * batch b and length s (trace.py fits the six coefficients; every size the plan makes has that form). */
+typedef struct {
+    int64_t *at;
+    int64_t c[6];
+} Leaf;
+
+typedef struct {
+    Plan p;
+    Leaf *leaves;
+    int64_t n_leaves;
+    PyObject *loaded; /* the load() capsule the steps resume from (a reference held) */
+} Template;
+
+#define TEMPLATE "tunefit._replay.Template"
+
+/* Every int of the plan in trace._flat's order after (script, shards), as pointers; `structural[i]`
+ * marks the counts and flags (never batch-dependent).  Returns the count, or -1 when out of memory. */
+static int64_t plan_leaves(Plan *p, int64_t **out, char *structural) {
+    int64_t n = 0;
+#define LEAF(ptr, st) do { if (out) { out[n] = (ptr); structural[n] = (st); } n++; } while (0)
+#define LEAVES(arr) do { for (int64_t i_ = 0; i_ < (arr).n; i_++) LEAF(&(arr).v[i_], 0); } while (0)
+    LEAF(&p->layers, 1);
+    for (int64_t o = 0; o < p->n_ops; o++) {
+        LEAF(&p->ops[o].count, 1);
+        LEAVES(p->ops[o].grads);
+        LEAF(&p->ops[o].grad_in, 0);
+        LEAVES(p->ops[o].scratch);
+        LEAVES(p->ops[o].dequant);
+    }
+    LEAVES(p->opt_states);
+    LEAVES(p->opt_temps);
+    LEAF(&p->adafactor, 1);
+    LEAVES(p->head_grads);
+    LEAF(&p->embed_grad, 0);
+    LEAF(&p->tied, 0);
+    LEAVES(p->layer_saved);
+    LEAVES(p->layer_transient);
+    LEAVES(p->layer_copies);
+    LEAF(&p->head_copy, 0);
+    LEAF(&p->cache_copies, 1);
+    LEAF(&p->checkpoint, 1);
+    LEAVES(p->final_saved);
+    LEAF(&p->hidden, 0);
+    LEAF(&p->logits, 0);
+    LEAF(&p->logits_fp32, 0);
+    LEAF(&p->vocab_fp32, 0);
+    LEAVES(p->shared);
+    LEAF(&p->dequant, 0);
+    LEAVES(p->layer_weights);
+    LEAVES(p->root_weights);
+    LEAF(&p->softcap, 1);
+    LEAF(&p->workspace, 0);
+    LEAF(&p->transient_op, 1);
+#undef LEAVES
+#undef LEAF
+    return n;
+}
+
+static void template_free(PyObject *capsule) {
+    Template *t = (Template *)PyCapsule_GetPointer(capsule, TEMPLATE);
+    if (!t) return;
+    plan_release(&t->p);
+    free(t->leaves);
+    Py_XDECREF(t->loaded);
+    free(t);
+}
+
+/* The leaves (index, six coefficients) that vary with the batch shape, on the template's plan. */
+static int template_leaves(Template *t, PyObject *spec) {
+    int64_t total = plan_leaves(&t->p, NULL, NULL);
+    int64_t **all = (int64_t **)malloc(sizeof(int64_t *) * (size_t)(total ? total : 1));
+    char *structural = (char *)malloc((size_t)(total ? total : 1));
+    PyObject *seq = PySequence_Fast(spec, "template: expected a sequence of leaves");
+    int rc = -1;
+    if (!all || !structural || !seq) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    plan_leaves(&t->p, all, structural);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    t->leaves = (Leaf *)calloc((size_t)(n ? n : 1), sizeof(Leaf));
+    if (!t->leaves) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long idx, c[6];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LLLLLLL", &idx, &c[0], &c[1], &c[2], &c[3],
+                              &c[4], &c[5]))
+            goto done;
+        if (idx < 0 || idx >= total || structural[idx]) {
+            PyErr_SetString(PyExc_ValueError, "template: a leaf that is no batch-dependent size");
+            goto done;
+        }
+        t->leaves[i].at = all[idx];
+        for (int k = 0; k < 6; k++) t->leaves[i].c[k] = c[k];
+    }
+    t->n_leaves = n;
+    rc = 0;
+done:
+    Py_XDECREF(seq);
+    free(all);
+    free(structural);
+    return rc;
+}
+
+/* template(loaded, leaves, <the plan after shards>): a plan whose batch-dependent sizes resume_at()
+ * evaluates; None when a size is past the C replay's range. */
+static PyObject *py_template(PyObject *self, PyObject *args) {
+    (void)self;
+    if (PyTuple_GET_SIZE(args) < 2) {
+        PyErr_SetString(PyExc_TypeError, "template(loaded, leaves, ...): missing arguments");
+        return NULL;
+    }
+    PyObject *loaded = PyTuple_GET_ITEM(args, 0);
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(loaded, LOADED);
+    if (!ld) return NULL;
+    Template *t = (Template *)calloc(1, sizeof(Template));
+    if (!t) return PyErr_NoMemory();
+    long long steps = 0;
+    int rc = parse_rest(args, 2, &t->p, &steps);
+    if (rc == 0) rc = template_leaves(t, PyTuple_GET_ITEM(args, 1));
+    if (rc) {
+        plan_release(&t->p);
+        free(t->leaves);
+        free(t);
+        if (rc == -1) return NULL;
+        Py_RETURN_NONE;
+    }
+    t->p.shards = ld->shards;
+    Py_INCREF(loaded);
+    t->loaded = loaded;
+    PyObject *capsule = PyCapsule_New(t, TEMPLATE, NULL);
+    if (!capsule) {
+        Py_DECREF(loaded);
+        plan_release(&t->p);
+        free(t->leaves);
+        free(t);
+        return NULL;
+    }
+    if (PyCapsule_SetDestructor(capsule, template_free)) {
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    return capsule;
+}
+
+/* c0 + c1 s + c2 s^2 into `out`: 0, or -1 past int64. */
+static inline int quadratic(const int64_t *c, int64_t s, int64_t *out) {
+    int64_t x, y;
+    if (__builtin_mul_overflow(c[2], s, &x) || __builtin_add_overflow(x, c[1], &x) ||
+        __builtin_mul_overflow(x, s, &x) || __builtin_add_overflow(x, c[0], &y))
+        return -1;
+    *out = y;
+    return 0;
+}
+
+/* The template's sizes for batch b and length s: 0, or -1 when one is negative or past MAX_TENSOR. */
+static int evaluate(Template *t, int64_t b, int64_t s) {
+    for (int64_t i = 0; i < t->n_leaves; i++) {
+        const int64_t *c = t->leaves[i].c;
+        int64_t per_seq, per_batch, v;
+        if (quadratic(c, s, &per_seq) || quadratic(c + 3, s, &per_batch) ||
+            __builtin_mul_overflow(per_batch, b, &v) || __builtin_add_overflow(v, per_seq, &v))
+            return -1;
+        if (v < 0 || v > MAX_TENSOR) return -1;
+        *t->leaves[i].at = v;
+    }
+    return 0;
+}
+
+/* resume_at(template, batch, seq, steps): the steps of the template's plan at that batch shape,
+ * from its load() snapshot; None when a size is past the C replay's range. */
+static PyObject *py_resume_at(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    long long b, s, steps;
+    if (!PyArg_ParseTuple(args, "OLLL", &capsule, &b, &s, &steps)) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Template *t = (Template *)PyCapsule_GetPointer(capsule, TEMPLATE);
+    if (!t) return NULL;
+    if (evaluate(t, b, s)) Py_RETURN_NONE;
+    Loaded *ld = (Loaded *)PyCapsule_GetPointer(t->loaded, LOADED);
+    if (!ld) return NULL;
+    return replay(&t->p, ld, steps);
+}
+
 static PyMethodDef methods[] = {
     {"simulate", py_simulate, METH_VARARGS, "Replay a flattened trace plan; return (peak allocated, peak reserved)."},
     {"load", py_load, METH_VARARGS, "The allocator after a load script (and the FSDP shards), for resume()."},
     {"resume", py_resume, METH_VARARGS, "Replay the steps of a flattened plan from a load() snapshot."},
+    {"template", py_template, METH_VARARGS, "A plan whose batch-dependent sizes resume_at() evaluates."},
+    {"resume_at", py_resume_at, METH_VARARGS, "Replay a template's steps at one batch size and length."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,6 +81,108 @@ def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     return simulate_py(plan, steps)
 
 
+# Batch shapes (batch, seq) a template is fitted at (a batch of 1 and of 2, each at lengths 1 to 3), and
+# three more where the fit is checked.
+FIT_AT = ((1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3))
+CHECK_AT = ((3, 5), (5, 4), (4, 9))
+
+
+def template(plans: list[TracePlan]) -> object | None:
+    """The C replay of one setup at any batch x seq (None without the C replay or where sizes do not fit).
+
+    `plans`: the plan at FIT_AT then at CHECK_AT.  Every size a plan makes is a0 + a1 s + a2 s^2 +
+    b (b0 + b1 s + b2 s^2) for batch b and length s (tokens b s, attention scores b s^2, RoPE's
+    tables s); the six coefficients are fitted exactly at FIT_AT, checked at CHECK_AT, and evaluated
+    in C for each batch shape, so a new batch x seq costs no plan and no argument parsing.
+    """
+    if _replay is None or not plans:
+        return None
+    if any(p.load != plans[0].load or p.shards != plans[0].shards for p in plans):
+        return None
+    varying: list[tuple[int, ...]] = []
+    try:
+        _fit_leaves([_flat(p)[2:] for p in plans], 0, varying)
+    except _NoFit:
+        return None
+    loaded = _loaded_c(plans[0].load, plans[0].shards)
+    if loaded is None:
+        return None
+    return _replay.template(loaded, varying, *_flat(plans[0])[2:], 0)  # 0: parse_rest's steps, unused
+
+
+class _NoFit(Exception):
+    """A plan's structure or a size that the template's form does not cover."""
+
+
+def _fit_leaves(nodes: list[object], index: int, varying: list[tuple[int, ...]]) -> int:
+    """Walk one node of the flattened plans (one per shape) depth first, as _replay.c's plan_leaves;
+    append (leaf index, coefficients) of each int that differs between shapes to `varying`; return
+    the index after the node.  Raises _NoFit where the plans differ in structure or a fit fails."""
+    first = nodes[0]
+    if all(n == first for n in nodes):
+        return index + _count_ints(first)  # the same at every shape: the template's value stands
+    if isinstance(first, int):
+        if not all(isinstance(n, int) for n in nodes):
+            raise _NoFit
+        values = tuple(n for n in nodes if isinstance(n, int))
+        coefs = _fit(values[: len(FIT_AT)])
+        checks = zip(CHECK_AT, values[len(FIT_AT) :], strict=True)
+        if coefs is None or any(_at(coefs, b, s) != v for (b, s), v in checks):
+            raise _NoFit
+        varying.append((index, *coefs))
+        return index + 1
+    if not isinstance(first, tuple) or not all(isinstance(n, tuple) and len(n) == len(first) for n in nodes):
+        raise _NoFit
+    for children in zip(*nodes, strict=True):
+        index = _fit_leaves(list(children), index, varying)
+    return index
+
+
+def _count_ints(node: object) -> int:
+    """The ints in a flattened plan's node."""
+    if isinstance(node, int):
+        return 1
+    assert isinstance(node, tuple)
+    if all(isinstance(x, int) for x in node):
+        return len(node)
+    return sum(_count_ints(x) for x in node)
+
+
+def simulate_at(tmpl: object, batch: int, seq: int, steps: int = 2) -> tuple[int, int] | None:
+    """`template`'s replay at one batch shape; None where a size is past the C replay's range."""
+    return _replay.resume_at(tmpl, batch, seq, steps)
+
+
+Coefs = tuple[int, int, int, int, int, int]
+
+
+def _fit(values: tuple[int, ...]) -> Coefs | None:
+    """(a0, a1, a2, b0, b1, b2) with value(b, s) = a0 + a1 s + a2 s^2 + b (b0 + b1 s + b2 s^2) through
+    the values at FIT_AT; None when they are not integers."""
+    one = _quadratic(values[0:3])
+    two = _quadratic(values[3:6])
+    if one is None or two is None:
+        return None
+    per_batch = tuple(t - o for t, o in zip(two, one, strict=True))
+    a0, a1, a2 = (o - p for o, p in zip(one, per_batch, strict=True))
+    return (a0, a1, a2, *per_batch)  # type: ignore[return-value]
+
+
+def _quadratic(y: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(c0, c1, c2) with c0 + c1 s + c2 s^2 = y[s - 1] for s = 1, 2, 3; None when not integers."""
+    twice_c2 = y[2] - 2 * y[1] + y[0]
+    if twice_c2 % 2:
+        return None
+    c2 = twice_c2 // 2
+    c1 = y[1] - y[0] - 3 * c2
+    return (y[0] - c1 - c2, c1, c2)
+
+
+def _at(c: Coefs, b: int, s: int) -> int:
+    """The fitted size at batch b, length s."""
+    return c[0] + c[1] * s + c[2] * s * s + b * (c[3] + c[4] * s + c[5] * s * s)
+
+
 @lru_cache(maxsize=64)
 def _loaded_c(load: tuple[int, ...], shards: int) -> object | None:
     """The C replay's allocator after loading (as `_loaded`): a new batch shape skips the load's

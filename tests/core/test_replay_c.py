@@ -3,11 +3,13 @@ random plans."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.core import trace
+from app.core import fragment, trace
 from app.core.architecture import parse_config
 from app.core.calibration import load_runs, setup_of
 from app.core.fragment import build_plan
@@ -67,6 +69,7 @@ _size = st.one_of(
     st.integers(64 << 20, 4 << 30),
 )
 _sizes = st.lists(_size, max_size=6).map(tuple)
+_pairs = st.lists(st.tuples(_size, _size), max_size=3).map(lambda ps: tuple(x for pair in ps for x in pair))
 _op = st.tuples(
     st.integers(0, 2),
     st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), max_size=3).map(tuple),
@@ -131,6 +134,10 @@ def _plans(draw: st.DrawFn) -> TracePlan:
         root_weights=draw(_sizes) if shards > 1 else (),
         softcap=draw(st.booleans()),
         held_input=draw(st.booleans()),
+        workspace=draw(st.sampled_from([0, 32 << 20])),
+        # QLoRA's (dequantized weight, product) pairs per op, which the checkpointed first pass makes
+        op_dequant=tuple(draw(_pairs) for _ in ops) if draw(st.booleans()) else (),
+        transient_op=draw(st.integers(0, len(ops) - 1)),
     )
 
 
@@ -173,3 +180,45 @@ def test_simulate_uses_c_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     expected = simulate_py(plan)
     monkeypatch.setattr(trace, "simulate_py", lambda *_: (0, 0))  # the Python replay must not run
     assert trace.simulate(plan) == expected
+
+
+def _template(a, setup: TrainingSetup) -> object:  # type: ignore[no-untyped-def]
+    """The replay template fragment.py fits for `setup` (at every batch x seq)."""
+    if trace._replay is None:
+        missing_part("the C allocator replay (app/core/_replay.c)", "not built: no C compiler at install")
+    targets = _static(a, _shape_key(setup)).targets
+    shape = fragment._Shape(a, fragment._unit_batch(_single_gpu(setup)), targets)
+    shape.template()
+    tmpl = shape.template()  # fitted at the second sight
+    assert tmpl is not None
+    return tmpl
+
+
+@pytest.mark.parametrize("slug", MODELS)
+@pytest.mark.parametrize("setup", SETUPS, ids=[f"setup{i}" for i in range(len(SETUPS))])
+def test_templates_replay_every_batch_shape_as_its_own_plan(slug: str, setup: TrainingSetup) -> None:
+    a = arch(slug)
+    tmpl = _template(a, setup)
+    for b, s in ((1, 1), (1, 128), (3, 777), (8, 4096), (2, 8192), (16, 333)):
+        plan = _plan(a, replace(setup, batch_size=b, seq_len=s))
+        assert trace.simulate_at(tmpl, b, s) == simulate_py(plan), (b, s)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "flash_attention_2"])
+def test_templates_cover_attention_scores_and_windows(attention: str) -> None:
+    # eager's and SDPA math's b x heads x s^2 scores, Gemma's sliding windows past their length
+    for slug, method in (("gemma-2-2b", "lora"), ("qwen3-0.6b", "qlora"), ("llama-3.2-1b", "full")):
+        setup = TrainingSetup(method, attention=attention)  # type: ignore[arg-type]
+        a = arch(slug)
+        tmpl = _template(a, setup)
+        for b, s in ((1, 100), (2, 4096), (5, 5000)):
+            plan = _plan(a, replace(setup, batch_size=b, seq_len=s))
+            assert trace.simulate_at(tmpl, b, s) == simulate_py(plan), (slug, b, s)
+
+
+def test_a_template_answers_none_past_the_c_range() -> None:
+    a = arch("llama-3.2-1b")
+    tmpl = _template(a, TrainingSetup("lora"))
+    assert trace.simulate_at(tmpl, 1, 10**15) is None
+    assert trace.simulate_at(tmpl, 1 << 40, 10**18) is None  # past int64 on the way
+    assert fragment.fragmentation(a, TrainingSetup("lora", seq_len=10**15), frozenset({"q_proj", "v_proj"}))
