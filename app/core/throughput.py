@@ -162,7 +162,8 @@ CALIBRATION = Calibration(
         "h200-m-blind-wide (20 setups predicted before they ran: Phi-4, DeepSeek-R1-Distill-Qwen-7B, "
         "TinyLlama, Gemma-2 under SDPA, fp32 and amp_bf16 full, Qwen3-MoE QLoRA all-linear), "
         "h200-n-moe-lora (6 MoE runs with LoRA on experts and routers, predicted before they ran; "
-        "the parametrization's host cost then fitted on n-moe-lora-006)"
+        "the parametrization's host cost then fitted on n-moe-lora-006), "
+        "h200-o-multi-blind (6 two-GPU DDP/FSDP2/ZeRO runs predicted before they ran)"
     ),
 )
 

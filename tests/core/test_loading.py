@@ -88,8 +88,10 @@ def test_fsdp_sharding_stage_matches_the_measured_readings() -> None:
     assert fsdp
     for rec in fsdp:
         *_, (shard, _) = _stages_of(rec)
-        # the 2-GPU 8B loads reserve 74 MiB beyond the single-process load (stages.load) already
-        assert abs(shard - rec["stages"]["shard"]["reserved"]) <= 60 * MIB, rec["run_id"]
+        # the 2-GPU loads of 7-8B models reserve 60-94 MiB beyond the replayed load (stages.load)
+        # already (d-002/003 Llama-3.1-8B 74, o-multi-blind-004 Mistral-7B 60, o-002 Qwen3-8B 94; a
+        # single-GPU load matches to 2 MiB: test above), 20 MiB of which sharding absorbs
+        assert abs(shard - rec["stages"]["shard"]["reserved"]) <= 80 * MIB, rec["run_id"]
 
 
 def test_checkpoint_order_is_dot_natural_key() -> None:
