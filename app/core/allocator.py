@@ -34,9 +34,19 @@ KERNELS_BASE_BYTES = 138_412_032
 FLASH_KERNELS_BYTES = 155_189_248 - 138_412_032
 
 # NCCL communicators and channel buffers (cudaMalloc outside torch's allocator), two H200s over NVLink
-# with NCCL's defaults: 1,041,498,112 - 155,189,248 bytes beyond the single-GPU kernels and handles,
-# in all four runs of data/calibration/h200-d-fsdp-2gpu.jsonl.  More GPUs are not measured.
+# with NCCL's defaults: nvml_peak_used - torch_peak_reserved - cuda_context_bytes, less the single-GPU
+# kernels and handles (155,189,248).  DDP and FSDP2: 1,041,498,112 in all five FSDP2 runs
+# (h200-d-fsdp-2gpu, o-multi-blind-002/004; the DDP runs 1,023-1,046 MB).  DeepSpeed holds more (its
+# own process groups and streams): ZeRO-2 1,251,999,744 (k-zero-2gpu-001/003, o-multi-blind-005;
+# k-006 +3 MB), ZeRO-3 1,555,300,352 (k-004/005, o-multi-blind-006/007; k-002 +64 KiB).  More GPUs are
+# not measured.
 NCCL_BYTES = 1_041_498_112 - 155_189_248
+NCCL_BYTES_BY_ENGINE = {
+    "ddp": NCCL_BYTES,
+    "fsdp": NCCL_BYTES,
+    "zero2": 1_251_999_744 - 155_189_248,
+    "zero3": 1_555_300_352 - 155_189_248,
+}
 
 # cuBLAS workspaces come from the caching allocator, one per thread that runs matmuls (torch keeps a
 # handle per thread and stream, aten/src/ATen/cuda/CublasHandlePool.cpp): the training loop's thread at

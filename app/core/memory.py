@@ -10,7 +10,7 @@ from app.core import moe_lora
 from app.core.allocator import (
     CUBLAS_WORKSPACE_BYTES,
     GIB,
-    NCCL_BYTES,
+    NCCL_BYTES_BY_ENGINE,
     block_size,
     cuda_context_bytes,
     kernel_bytes,
@@ -341,10 +341,9 @@ def estimate_memory(
         # DDP (gradient_as_bucket_view=False) keeps flat bucket buffers as large as all gradients.
         breakdown["ddp_buckets"] = _allocated(train_groups)
     if multi:
-        # NCCL's communicators and channel buffers are cudaMalloc'ed outside torch's allocator:
-        # nvml_peak_used - torch_peak_reserved - cuda_context_bytes is 1,041,498,112 bytes in every
-        # 2-GPU FSDP run (h200-d-fsdp-2gpu) against 155,189,248 on one GPU.
-        breakdown["nccl_buffers"] = NCCL_BYTES
+        # NCCL's communicators and channel buffers are cudaMalloc'ed outside torch's allocator, more
+        # under DeepSpeed (allocator.NCCL_BYTES_BY_ENGINE, measured per engine on two H200s)
+        breakdown["nccl_buffers"] = NCCL_BYTES_BY_ENGINE[setup.parallelism]
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
