@@ -711,15 +711,56 @@ static void count_op_group(Sim *s, const Op *op, const Arr *transient) {
     for (int64_t j = 1; j < op->dequant.n; j += 2) count_free(s, block_bytes(op->dequant.v[j]));
 }
 
+/* first_pass's ops k..e, counted only: ops k..e-1 each make their saved tensors, free the previous
+ * op's, then run their closed group; op e saves nothing, so nothing of the run is alive after it. */
+static void count_run(Sim *s, const Plan *p, int64_t k, int64_t e, int64_t start) {
+    int64_t prev = start, prev_n = 0;
+    for (int64_t o = k; o <= e; o++) {
+        const Op *op = &p->ops[o];
+        for (int64_t i = 0; i < op->count; i++) count_new(s, block_bytes(p->layer_saved.v[start + i]));
+        s->handles += op->count;
+        for (int64_t i = 0; i < prev_n; i++) count_free(s, block_bytes(p->layer_saved.v[prev + i]));
+        prev = start;
+        prev_n = op->count;
+        start += op->count;
+        count_op_group(s, op, o == p->transient_op ? &p->layer_transient : NULL);
+    }
+}
+
+/* The large bytes of first_pass's ops k..e (their saved tensors, 4-bit weights and products and the
+ * transients), saved tensors from `start`. */
+static int64_t run_large_bytes(const Plan *p, int64_t k, int64_t e, int64_t start) {
+    int64_t need = 0;
+    for (int64_t o = k; o <= e; o++) {
+        const Op *op = &p->ops[o];
+        need += large_bytes(p->layer_saved.v + start, op->count) + large_bytes(op->dequant.v, op->dequant.n);
+        if (o == p->transient_op) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
+        start += op->count;
+    }
+    return need;
+}
+
 /* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
  * next op has run; a 4-bit linear's dequantized weight is freed once its product is made.  Leaves the
- * last op's tensors in l->layer. */
+ * last op's tensors in l->layer.  Where nothing of the layer is alive, the ops up to the next one that
+ * saves nothing are a closed group (all their tensors die by its end): counted when the largest free
+ * block holds all their large allocations. */
 static void first_pass(const Plan *p, Tracer *t, Lists *l) {
     Sim *sim = &t->sim;
     int64_t start = 0;
     l->layer.d_len = 0;
     for (int64_t k = 0; k < p->n_ops && !ERR(t); k++) {
         const Op *op = &p->ops[k];
+        if (!l->layer.d_len) {
+            int64_t e = k, saved = 0;
+            while (e < p->n_ops && p->ops[e].count) saved += p->ops[e++].count;
+            if (e < p->n_ops && run_large_bytes(p, k, e, start) <= largest_free(sim)) {
+                count_run(sim, p, k, e, start);
+                start += saved;
+                k = e;
+                continue;
+            }
+        }
         l->cur.d_len = 0;
         for (int64_t i = 0; i < op->count; i++)
             vec_push(&l->cur, sim_new(sim, p->layer_saved.v[start + i]), &t->err);
