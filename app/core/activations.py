@@ -127,7 +127,9 @@ class LayerOp:
 
 # What shape_key sets, by position among TrainingSetup's fields.
 _SHAPE_FIXED = {"batch_size": 1, "seq_len": 1, "num_gpus": 1, "parallelism": "ddp"}
-_SHAPE_AT = {i: _SHAPE_FIXED[f.name] for i, f in enumerate(fields(TrainingSetup)) if f.name in _SHAPE_FIXED}
+_SHAPE_AT = tuple(
+    (i, _SHAPE_FIXED[f.name]) for i, f in enumerate(fields(TrainingSetup)) if f.name in _SHAPE_FIXED
+)
 
 
 @lru_cache(maxsize=4096)
@@ -135,8 +137,10 @@ def shape_key(setup: TrainingSetup) -> TrainingSetup:
     """The setup with batch, length and GPUs set to one: what per-token terms depend on."""
     # A new batch x seq of a known setup finds its key by field values: replace() re-validates the
     # setup and was a tenth of a cold estimate.
-    values = tuple(_SHAPE_AT.get(i, v) for i, v in enumerate(field_values(setup)))
-    return _shape_of(values)
+    values = list(field_values(setup))
+    for i, v in _SHAPE_AT:  # four fields set in place: a generator over all fields cost twice as much
+        values[i] = v
+    return _shape_of(tuple(values))
 
 
 @lru_cache(maxsize=1024)

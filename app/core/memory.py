@@ -216,7 +216,8 @@ def estimate_memory(
         recompute = 0
     # SDPA's math kernel (fp32 attention with grouped k/v heads) has its own busiest moment, the
     # attention's backward (activations.math_attention_backward); the MLP's backward holds none of its scores.
-    math = act.sdpa_math(arch, setup) and arch.num_layers > n_masked
+    sdpa_math = act.sdpa_math(arch, setup)
+    math = sdpa_math and arch.num_layers > n_masked
     transient = layer.transient * tokens + (0 if math else layer.attn_scores_transient) * scores
     if arch.num_moe_layers:
         # plus the weight gradient of the fold being back-propagated
@@ -348,14 +349,17 @@ def estimate_memory(
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
-    replayed = _single_gpu(fragmentation_like or setup)
+    own = _single_gpu(setup)
+    replayed = own if fragmentation_like is None else _single_gpu(fragmentation_like)
     sim_alloc, _, frag = fragmentation(arch, replayed, targets)
-    allocated = sum(
-        v
-        for k, v in breakdown.items()
-        if k not in ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
+    # what torch allocates: all but the context, the kernels and the paged (managed) states
+    allocated = (
+        sum(breakdown.values())
+        - breakdown["cuda_context"]
+        - breakdown["cuda_kernels_and_handles"]
+        - breakdown.get("optimizer_states_paged", 0)
     )
-    if sim_alloc and replayed != _single_gpu(setup):
+    if sim_alloc and replayed is not own and replayed != own:
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     if multi and setup.parallelism == "ddp":
@@ -438,7 +442,7 @@ def estimate_memory(
                 f"{arch.expert_params / 1e9:,.1f} B expert parameters at 4 bytes each.",
             )
         )
-    if act.sdpa_math(arch, setup) and not n_masked:
+    if sdpa_math and not n_masked:
         warnings.append(
             Notice(
                 "attention_probabilities_stored",
