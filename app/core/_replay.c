@@ -15,10 +15,6 @@
  * The load (loading.py) comes as a script: n >= 0 allocates n bytes (the script's k-th allocation is
  * allocation k), -1 - k frees allocation k, EMPTY_CACHE calls empty_cache.
  */
-#if defined(__GNUC__) && !defined(__clang__)
-/* GCC turns the bins' few-entry shifts into memmove calls, which cost more than the moves */
-#pragma GCC optimize("no-tree-loop-distribute-patterns")
-#endif
 /* the bins' and blocks' helpers: GCC left some out of line, and each replay calls them thousands of times */
 #define INLINE static inline __attribute__((always_inline))
 #define PY_SSIZE_T_CLEAN
@@ -54,6 +50,7 @@ typedef struct {
     int64_t size, addr;
     int32_t prev, next; /* block ids of the segment's neighbours, NO_BLOCK at its ends */
     int32_t is_free;
+    int32_t pos; /* a free block's index in its bin */
 } Block;
 
 
@@ -74,9 +71,8 @@ typedef struct {
     int32_t n_blocks, cap_blocks;
     int32_t *spare_ids; /* ids of merged-away blocks, reused */
     int32_t n_spare, cap_spare;
-    /* the free blocks in size bins (4 per power of two), each sorted by (size, addr): every size in a
-     * bin is below every size in the next, so the best fit is the first block of at least the
-     * request's size in its own bin, else the first block of the next non-empty bin */
+    /* the free blocks in size bins (4 per power of two), unsorted: every size in a bin is below every
+     * size in the next (take_best_fit) */
     Free *bin[NBINS];
     int32_t bin_n[NBINS], bin_cap[NBINS];
     uint64_t nonempty[(NBINS + 63) / 64];
@@ -130,23 +126,14 @@ static int size_bin(int64_t size) {
     return 4 * lg + sub; /* size <= 2^41 by MAX_TENSOR and segment rounding: below NBINS */
 }
 
-/* Index in bin `b` of the first block whose (size, addr) is not below (size, addr).  Bins hold a few
- * blocks (a handful in a QLoRA step, up to some hundred in full fine-tuning): a binary search down
- * to eight, then a scan. */
-INLINE int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
-    const Free *f = s->bin[b];
-    int64_t lo = 0, hi = s->bin_n[b];
-    while (hi - lo > 8) {
-        int64_t mid = (lo + hi) / 2;
-        if (f[mid].size < size || (f[mid].size == size && f[mid].addr < addr)) lo = mid + 1;
-        else hi = mid;
-    }
-    while (lo < hi && (f[lo].size < size || (f[lo].size == size && f[lo].addr < addr))) lo++;
-    return lo;
+/* Whether free block f comes before g in the best-fit order: smaller size, then lower address. */
+INLINE int before(const Free *f, const Free *g) {
+    return f->size < g->size || (f->size == g->size && f->addr < g->addr);
 }
 
 /* Block `id` (of `size` bytes at `addr`, passed in: reading back the Block just written stalls the
- * load on those stores) into its bin. */
+ * load on those stores) into its bin, appended: the bins are unsorted (a bin holds a few blocks, which
+ * a best fit scans), so an insert or a removal moves no other entry. */
 INLINE void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     int b = size_bin(size);
     if (s->bin_n[b] == s->bin_cap[b] &&
@@ -154,28 +141,29 @@ INLINE void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
         s->err = 1;
         return;
     }
-    int64_t i = lower_bound(s, b, size, addr);
-    Free *f = s->bin[b];
-    if (s->bin_n[b] - i > 4) memmove(&f[i + 1], &f[i], (size_t)(s->bin_n[b] - i) * sizeof(Free));
-    else for (int64_t j = s->bin_n[b]; j > i; j--) f[j] = f[j - 1];
-    f[i].size = size;
-    f[i].addr = addr;
-    f[i].id = id;
-    s->bin_n[b]++;
+    int32_t i = s->bin_n[b]++;
+    Free *f = &s->bin[b][i];
+    f->size = size;
+    f->addr = addr;
+    f->id = id;
+    s->blocks[id].pos = i;
     s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-INLINE void free_remove_at(Sim *s, int b, int64_t i) {
+/* Entry i out of bin b: the bin's last entry takes its place. */
+INLINE void free_remove_at(Sim *s, int b, int32_t i) {
     Free *f = s->bin[b];
-    int64_t n = --s->bin_n[b];
-    if (n - i > 4) memmove(&f[i], &f[i + 1], (size_t)(n - i) * sizeof(Free));
-    else for (int64_t j = i; j < n; j++) f[j] = f[j + 1];
+    int32_t n = --s->bin_n[b];
+    if (i != n) {
+        f[i] = f[n];
+        s->blocks[f[i].id].pos = i;
+    }
     if (n == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
 INLINE void free_remove(Sim *s, int32_t id) {
     int b = size_bin(s->blocks[id].size);
-    int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
+    int32_t i = s->blocks[id].pos;
     if (i >= s->bin_n[b] || s->bin[b][i].id != id) {
         s->err = 2;
         return;
@@ -184,32 +172,37 @@ INLINE void free_remove(Sim *s, int32_t id) {
 }
 
 /* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
- * out of the bins; NO_BLOCK when none is that large. */
+ * out of the bins; NO_BLOCK when none is that large.  Every size in a bin is below every size in the
+ * next, so the best fit is the first in that order of the request's own bin's blocks that hold it,
+ * else the first of the next non-empty bin's. */
 INLINE int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
     int b = size_bin(size);
-    int64_t i = lower_bound(s, b, size, -1);
-    if (i < s->bin_n[b]) {
-        const Free *f = &s->bin[b][i];
-        int32_t id = (int32_t)f->id;
-        *bsize = f->size;
-        *baddr = f->addr;
-        free_remove_at(s, b, i);
-        return id;
+    const Free *f = s->bin[b];
+    int32_t n = s->bin_n[b], best = -1;
+    for (int32_t i = 0; i < n; i++) {
+        if (f[i].size >= size && (best < 0 || before(&f[i], &f[best]))) best = i;
     }
-    for (int w = (b + 1) / 64; w < (NBINS + 63) / 64; w++) {
-        uint64_t bits = s->nonempty[w];
-        if (w == (b + 1) / 64) bits &= ~(uint64_t)0 << ((b + 1) % 64);
-        if (bits) {
-            int nb = 64 * w + __builtin_ctzll(bits);
-            const Free *f = &s->bin[nb][0];
-            int32_t id = (int32_t)f->id;
-            *bsize = f->size;
-            *baddr = f->addr;
-            free_remove_at(s, nb, 0);
-            return id;
+    if (best < 0) {
+        int next = b + 1;
+        b = -1;
+        for (int w = next / 64; w < (NBINS + 63) / 64 && b < 0; w++) {
+            uint64_t bits = s->nonempty[w];
+            if (w == next / 64) bits &= ~(uint64_t)0 << (next % 64);
+            if (bits) b = 64 * w + __builtin_ctzll(bits);
+        }
+        if (b < 0) return NO_BLOCK;
+        f = s->bin[b];
+        n = s->bin_n[b];
+        best = 0;
+        for (int32_t i = 1; i < n; i++) {
+            if (before(&f[i], &f[best])) best = i;
         }
     }
-    return NO_BLOCK;
+    int32_t id = (int32_t)f[best].id;
+    *bsize = f[best].size;
+    *baddr = f[best].addr;
+    free_remove_at(s, b, best);
+    return id;
 }
 
 INLINE int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
@@ -229,6 +222,7 @@ INLINE int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32
     b->prev = prev;
     b->next = next;
     b->is_free = is_free;
+    b->pos = -1;
     return id;
 }
 
@@ -378,6 +372,7 @@ static void sim_empty_cache(Sim *s) {
                 s->reserved -= bl->size;
                 block_drop(s, id);
             } else {
+                s->blocks[id].pos = kept;
                 s->bin[b][kept++] = s->bin[b][i];
             }
         }
@@ -410,7 +405,7 @@ static void sim_reset(Sim *s, int64_t base) {
 /* The loaded model as the steps see it.  The steps never free a load's allocation, so a live block
  * of the load only ever stops a free neighbour from merging, as a segment's end does; segments
  * without a free block never change.  What is kept is the free blocks (each between two walls, as
- * free neighbours merge) sorted by (size, address), and the counters. */
+ * free neighbours merge) and the counters. */
 typedef struct {
     int64_t n_free;
     int64_t *size, *addr;
@@ -434,7 +429,7 @@ static int snapshot(Loaded *ld, const Sim *s) {
         return -1;
     }
     n = 0;
-    for (int b = 0; b < NBINS; b++) { /* bins in size order, each sorted: (size, address) order */
+    for (int b = 0; b < NBINS; b++) {
         for (int32_t i = 0; i < s->bin_n[b]; i++, n++) {
             ld->size[n] = s->bin[b][i].size;
             ld->addr[n] = s->bin[b][i].addr;
@@ -463,12 +458,12 @@ static void sim_restore(Sim *s, const Loaded *ld) {
     for (int64_t i = 0; i < ld->n_free && !s->err; i++) {
         int32_t id = block_new(s, ld->addr[i], ld->size[i], NO_BLOCK, NO_BLOCK, 1);
         int b = size_bin(ld->size[i]);
-        /* appended in (size, address) order: each bin stays sorted */
         if (id == NO_BLOCK ||
             grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
             s->err = 1;
             return;
         }
+        s->blocks[id].pos = s->bin_n[b];
         s->bin[b][s->bin_n[b]++] = (Free){ld->size[i], ld->addr[i], id};
         s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
     }
@@ -609,7 +604,10 @@ static inline int64_t largest_free(const Sim *s) {
     for (int w = (NBINS + 63) / 64 - 1; w >= 0; w--) {
         if (s->nonempty[w]) {
             int b = 64 * w + 63 - __builtin_clzll(s->nonempty[w]);
-            return s->bin[b][s->bin_n[b] - 1].size;
+            int64_t most = 0; /* the bins are unsorted */
+            for (int32_t i = 0; i < s->bin_n[b]; i++)
+                if (s->bin[b][i].size > most) most = s->bin[b][i].size;
+            return most;
         }
     }
     return 0;
