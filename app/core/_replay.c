@@ -2,7 +2,7 @@
  * same (peak allocated, peak reserved) bytes, 20-80x faster.  Two shortcuts leave the same free blocks
  * as the Python replay's one-by-one operations (free neighbours always merge, so the free blocks are a
  * function of the live ones): a list of frees merges each run once (free_all), and a closed group that
- * provably makes no segment is only counted (count_op_group, new_free).  A plan with a tensor over
+ * provably makes no segment is only counted (first_pass, new_free).  A plan with a tensor over
  * 1 TiB returns None (64-bit sums) and trace.py replays it in Python, as it does when this module is
  * not built; tests/core/test_replay_c.py compares the two on every calibration run and random plans.
  *
@@ -679,6 +679,7 @@ static void reduce_scatter(Tracer *t, const int64_t *grads, const int64_t *sizes
 typedef struct {
     Vec root, shared, inputs, saved, copies, cache, unsharded, cp, layer, tmp, final, layer_grads,
         layer_grad_sizes, head, head_sizes, scratch, cur;
+    Vec deltas, at, group, made, run_need, op_need; /* first_pass_prepare's */
 } Lists;
 
 /* Entries a workspace keeps between replays; a larger one (an absurd plan) is given back. */
@@ -687,55 +688,68 @@ typedef struct {
 static void lists_release(Lists *l) {
     Vec *all[] = {&l->root,  &l->shared,      &l->inputs,           &l->saved, &l->copies, &l->cache,
                   &l->unsharded, &l->cp,      &l->layer,            &l->tmp,   &l->final,  &l->layer_grads,
-                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur};
+                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur, &l->deltas, &l->at, &l->group, &l->made, &l->run_need, &l->op_need};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
-/* first_pass's closed group of one op, counted only: each 4-bit weight dequantized, its product made,
- * the weight freed; the transients made and freed; the products freed (the order sets the peaks). */
-static void count_op_group(Sim *s, const Op *op, const Arr *transient) {
-    for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
-        int64_t w = block_bytes(op->dequant.v[j]);
-        count_new(s, w);
-        count_new(s, block_bytes(op->dequant.v[j + 1]));
-        count_free(s, w);
-        s->handles += 2;
+/* Count deltas[from..to): a positive one is an allocation of that many bytes, a negative one a free. */
+static void count_deltas(Sim *s, const int64_t *deltas, int64_t from, int64_t to) {
+    for (int64_t i = from; i < to; i++) {
+        int64_t d = deltas[i];
+        if (d > 0) count_new(s, d);
+        else count_free(s, -d);
     }
-    if (transient) {
-        for (int64_t i = 0; i < transient->n; i++) count_new(s, block_bytes(transient->v[i]));
-        for (int64_t i = 0; i < transient->n; i++) count_free(s, block_bytes(transient->v[i]));
-        s->handles += transient->n;
-    }
-    for (int64_t j = 1; j < op->dequant.n; j += 2) count_free(s, block_bytes(op->dequant.v[j]));
 }
 
-/* first_pass's ops k..e, counted only: ops k..e-1 each make their saved tensors, free the previous
- * op's, then run their closed group; op e saves nothing, so nothing of the run is alive after it. */
-static void count_run(Sim *s, const Plan *p, int64_t k, int64_t e, int64_t start) {
-    int64_t prev = start, prev_n = 0;
-    for (int64_t o = k; o <= e; o++) {
-        const Op *op = &p->ops[o];
-        for (int64_t i = 0; i < op->count; i++) count_new(s, block_bytes(p->layer_saved.v[start + i]));
-        s->handles += op->count;
-        for (int64_t i = 0; i < prev_n; i++) count_free(s, block_bytes(p->layer_saved.v[prev + i]));
+/* first_pass's counting, prepared once per replay (the sizes are the same in every layer): each op's
+ * allocations and frees in order as deltas (its saved tensors made, the previous op's freed, then its
+ * closed group: each 4-bit weight dequantized, its product made, the weight freed; the transients
+ * made and freed; the products freed), from l->at[k], its group from l->group[k], l->made[k] handles
+ * made before it; and the large bytes of the closed run from k (-1 where no op that saves nothing
+ * follows) and of k's group, which the bound compares with the largest free block.  A run starts
+ * where nothing of the layer is alive (the first op, or after one that saves nothing), so its first
+ * op's deltas free nothing before it. */
+static void first_pass_prepare(const Plan *p, Tracer *t, Lists *l) {
+    Vec *d = &l->deltas;
+    d->d_len = l->at.d_len = l->group.d_len = l->made.d_len = l->run_need.d_len = l->op_need.d_len = 0;
+    int64_t start = 0, prev = 0, prev_n = 0, made = 0;
+    for (int64_t k = 0; k < p->n_ops; k++) {
+        const Op *op = &p->ops[k];
+        const Arr *dq = &op->dequant;
+        vec_push(&l->at, d->d_len, &t->err);
+        vec_push(&l->made, made, &t->err);
+        for (int64_t i = 0; i < op->count; i++) vec_push(d, block_bytes(p->layer_saved.v[start + i]), &t->err);
+        for (int64_t i = 0; i < prev_n; i++) vec_push(d, -block_bytes(p->layer_saved.v[prev + i]), &t->err);
+        vec_push(&l->group, d->d_len, &t->err);
+        for (int64_t j = 0; j + 1 < dq->n; j += 2) {
+            vec_push(d, block_bytes(dq->v[j]), &t->err);
+            vec_push(d, block_bytes(dq->v[j + 1]), &t->err);
+            vec_push(d, -block_bytes(dq->v[j]), &t->err);
+        }
+        int64_t need = large_bytes(dq->v, dq->n);
+        if (k == p->transient_op) {
+            const Arr *tr = &p->layer_transient;
+            for (int64_t i = 0; i < tr->n; i++) vec_push(d, block_bytes(tr->v[i]), &t->err);
+            for (int64_t i = 0; i < tr->n; i++) vec_push(d, -block_bytes(tr->v[i]), &t->err);
+            made += tr->n;
+            need += large_bytes(tr->v, tr->n);
+        }
+        for (int64_t j = 1; j < dq->n; j += 2) vec_push(d, -block_bytes(dq->v[j]), &t->err);
+        made += op->count + dq->n / 2 * 2;
+        vec_push(&l->op_need, need, &t->err);
         prev = start;
         prev_n = op->count;
         start += op->count;
-        count_op_group(s, op, o == p->transient_op ? &p->layer_transient : NULL);
     }
-}
-
-/* The large bytes of first_pass's ops k..e (their saved tensors, 4-bit weights and products and the
- * transients), saved tensors from `start`. */
-static int64_t run_large_bytes(const Plan *p, int64_t k, int64_t e, int64_t start) {
-    int64_t need = 0;
-    for (int64_t o = k; o <= e; o++) {
-        const Op *op = &p->ops[o];
-        need += large_bytes(p->layer_saved.v + start, op->count) + large_bytes(op->dequant.v, op->dequant.n);
-        if (o == p->transient_op) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
-        start += op->count;
+    vec_push(&l->at, d->d_len, &t->err);
+    vec_push(&l->made, made, &t->err);
+    for (int64_t k = 0; k < p->n_ops && !t->err; k++) {
+        int64_t e = k, need = 0;
+        while (e < p->n_ops && p->ops[e].count) e++;
+        for (int64_t i = l->at.d[k]; e < p->n_ops && i < l->at.d[e + 1]; i++)
+            if (l->deltas.d[i] > SMALL_SIZE) need += l->deltas.d[i];
+        vec_push(&l->run_need, e < p->n_ops ? need : -1, &t->err);
     }
-    return need;
 }
 
 /* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
@@ -749,15 +763,14 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
     l->layer.d_len = 0;
     for (int64_t k = 0; k < p->n_ops && !ERR(t); k++) {
         const Op *op = &p->ops[k];
-        if (!l->layer.d_len) {
-            int64_t e = k, saved = 0;
-            while (e < p->n_ops && p->ops[e].count) saved += p->ops[e++].count;
-            if (e < p->n_ops && run_large_bytes(p, k, e, start) <= largest_free(sim)) {
-                count_run(sim, p, k, e, start);
-                start += saved;
-                k = e;
-                continue;
-            }
+        if (!l->layer.d_len && l->run_need.d[k] >= 0 && l->run_need.d[k] <= largest_free(sim)) {
+            /* ops k..e, the next that saves nothing, counted only */
+            int64_t e = k;
+            while (p->ops[e].count) start += p->ops[e++].count;
+            count_deltas(sim, l->deltas.d, l->at.d[k], l->at.d[e + 1]);
+            sim->handles += l->made.d[e + 1] - l->made.d[k];
+            k = e;
+            continue;
         }
         l->cur.d_len = 0;
         for (int64_t i = 0; i < op->count; i++)
@@ -767,10 +780,9 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
         l->layer.d_len = 0;
         for (int64_t i = 0; i < l->cur.d_len; i++) vec_push(&l->layer, l->cur.d[i], &t->err);
         int transients = k == p->transient_op;
-        int64_t need = large_bytes(op->dequant.v, op->dequant.n);
-        if (transients) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
-        if (need <= largest_free(sim)) {
-            count_op_group(sim, op, transients ? &p->layer_transient : NULL);
+        if (l->op_need.d[k] <= largest_free(sim)) { /* the op's closed group, counted only */
+            count_deltas(sim, l->deltas.d, l->group.d[k], l->at.d[k + 1]);
+            sim->handles += l->made.d[k + 1] - l->made.d[k] - op->count;
             continue;
         }
         l->tmp.d_len = 0;
@@ -991,6 +1003,7 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
     static Lists l;
     Sim *sim = &t->sim;
     held.d_len = 0; /* the last step's tensors that its `loss` keeps alive (Plan.held_input) */
+    if (p->checkpoint) first_pass_prepare(p, t, &l);
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
         forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0, &held);
         if (ERR(t)) break;
