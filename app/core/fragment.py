@@ -228,7 +228,11 @@ def _dequant(arch: Architecture, method: str, precision: str, double_quant: bool
 @lru_cache(maxsize=4096)
 def fragmentation(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> tuple[int, int, int]:
     """(replayed peak allocated, replayed peak reserved, reserved minus allocated) in bytes."""
-    tmpl = _shape(arch, _unit_batch(setup), targets).template()
+    # one GPU without sharding (every estimate's own replay): the unit setup is the shape key, which the
+    # estimate has already looked up
+    one = setup.num_gpus == 1 and setup.parallelism == "ddp"
+    unit = act.shape_key(setup) if one else _unit_batch(setup)
+    tmpl = _shape(arch, unit, targets).template()
     found = simulate_at(tmpl, setup.batch_size, setup.seq_len) if tmpl is not None else None
     alloc, reserved = found if found is not None else simulate(_replayed_plan(arch, setup, targets))
     return alloc, reserved, reserved - alloc

@@ -310,7 +310,13 @@ def estimate_memory(
         zt = zero_terms(arch, setup, targets)
         apply_zero(phases, zt)
         adapters, managed = zt.adapters, zt.managed
-    best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    # the first phase of the largest sum (as max() with a key, without its per-item lambda)
+    best_name, best = next(iter(phases.items()))
+    most = sum(best.values())
+    for name, terms in phases.items():
+        total = sum(terms.values())
+        if total > most:
+            best_name, best, most = name, terms, total
 
     breakdown: dict[str, int] = {
         "cuda_context": cuda_context_bytes(),
@@ -349,7 +355,7 @@ def estimate_memory(
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
-    own = _single_gpu(setup)
+    own = setup if setup.num_gpus == 1 else _single_gpu(setup)  # as _single_gpu, without its cache
     replayed = own if fragmentation_like is None else _single_gpu(fragmentation_like)
     sim_alloc, _, frag = fragmentation(arch, replayed, targets)
     # what torch allocates: all but the context, the kernels and the paged (managed) states
