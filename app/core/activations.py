@@ -10,7 +10,7 @@ All sizes are bytes per token (per batch element and position) unless a name say
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from app.core import moe_lora
 from app.core.architecture import Architecture
@@ -113,6 +113,16 @@ class LayerActivations:
     attn_scores_transient: int
     tensors: tuple[int, ...]  # the saved set as separate allocations (bytes per token each)
     ops: tuple[LayerOp, ...]  # the same tensors grouped by the op whose backward frees them
+
+    @cached_property  # kept on the (cached) instance: every estimate with SDPA's math kernel asks
+    def attention_prefix(self) -> int:
+        """Bytes per token the layer saves up to and including its attention (its input norm first)."""
+        total = 0
+        for o in self.ops:
+            total += sum(o.saved)
+            if o.name == "attention":
+                break
+        return total
 
 
 @dataclass(frozen=True)
@@ -299,16 +309,6 @@ def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int
     return sum(layer_transient_tensors(arch, setup))
 
 
-def attention_prefix(layer: LayerActivations) -> int:
-    """Bytes per token a layer saves up to and including its attention (its input norm first)."""
-    total = 0
-    for o in layer.ops:
-        total += sum(o.saved)
-        if o.name == "attention":
-            break
-    return total
-
-
 def math_attention_backward(
     arch: Architecture,
     setup: TrainingSetup,
@@ -319,7 +319,7 @@ def math_attention_backward(
     kept_per_layer: int,
 ) -> tuple[int, int]:
     """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer."""
-    prefix = attention_prefix(layer) * tokens
+    prefix = layer.attention_prefix * tokens
     # Beside what the layer saved up to its attention: the gradient of the head-expanded v (BmmBackward0,
     # b x heads x s x head_dim, fp32) and the residual stream's gradient waiting at the attention's add.
     grads = (4 * arch.q_width + dtypes_for(setup).residual * arch.hidden_size) * tokens
