@@ -90,6 +90,14 @@ class _Static:
 
 _shape_key = act.shape_key
 
+# A fixed notice (frozen): made once, not on every estimate that gets it.
+_PROBABILITIES_STORED = Notice(
+    "attention_probabilities_stored",
+    "Attention runs in fp32 with grouped k/v heads, which PyTorch's flash and memory-efficient "
+    "kernels do not take: SDPA falls back to its math kernel and stores the attention "
+    "probabilities (batch x heads x seq^2 x 4 bytes per layer).",
+)
+
 
 @lru_cache(maxsize=1024)
 def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
@@ -449,14 +457,7 @@ def estimate_memory(
             )
         )
     if sdpa_math and not n_masked:
-        warnings.append(
-            Notice(
-                "attention_probabilities_stored",
-                "Attention runs in fp32 with grouped k/v heads, which PyTorch's flash and memory-efficient "
-                "kernels do not take: SDPA falls back to its math kernel and stores the attention "
-                "probabilities (batch x heads x seq^2 x 4 bytes per layer).",
-            )
-        )
+        warnings.append(_PROBABILITIES_STORED)
     if setup.seq_len > arch.max_position_embeddings:
         warnings.append(
             Notice(
