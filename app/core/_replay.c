@@ -2,7 +2,8 @@
  * same (peak allocated, peak reserved) bytes, 20-80x faster.  Two shortcuts leave the same free blocks
  * as the Python replay's one-by-one operations (free neighbours always merge, so the free blocks are a
  * function of the live ones): a list of frees merges each run once (free_all), and a closed group that
- * provably makes no segment is only counted (first_pass, new_free).  A plan with a tensor over
+ * provably makes no segment is only counted (first_pass: a checkpointed layer's runs of ops and its
+ * ops' groups; new_free).  A plan with a tensor over
  * 1 TiB returns None (64-bit sums) and trace.py replays it in Python, as it does when this module is
  * not built; tests/core/test_replay_c.py compares the two on every calibration run and random plans.
  *
