@@ -86,6 +86,9 @@ class _Static:
     expert_folds: tuple[int, int]  # one layer's W + BA of LoRA-wrapped experts (gate_up, down)
     dense_mlp: int
     logits: act.LogitsBytes
+    dtypes: act.Dtypes
+    sdpa_math: bool  # act.sdpa_math: SDPA falls back to its math kernel
+    kernels: int  # cuda_kernels_and_handles
 
 
 _shape_key = act.shape_key
@@ -139,6 +142,9 @@ def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
         expert_folds=moe_lora.folded(arch, targets, moe_lora.weight_bytes(setup.method, param_bytes(setup))),
         dense_mlp=act.moe_dense_mlp_saved(arch, setup),
         logits=act.logits_bytes(arch, setup),
+        dtypes=act.dtypes_for(setup),
+        sdpa_math=act.sdpa_math(arch, setup),
+        kernels=kernel_bytes(act.flash_kernels(arch, setup)),
     )
 
 
@@ -160,7 +166,7 @@ def estimate_memory(
     targets = st.targets
     n = setup.num_gpus
     multi = n > 1
-    dtypes = act.dtypes_for(setup)
+    dtypes = st.dtypes
     tokens = setup.batch_size * setup.seq_len
     weight_groups, dequant_bytes = st.weight_groups, st.dequant_bytes
     g_size = st.grad_size
@@ -224,7 +230,7 @@ def estimate_memory(
         recompute = 0
     # SDPA's math kernel (fp32 attention with grouped k/v heads) has its own busiest moment, the
     # attention's backward (activations.math_attention_backward); the MLP's backward holds none of its scores.
-    sdpa_math = act.sdpa_math(arch, setup)
+    sdpa_math = st.sdpa_math
     math = sdpa_math and arch.num_layers > n_masked
     transient = layer.transient * tokens + (0 if math else layer.attn_scores_transient) * scores
     if arch.num_moe_layers:
@@ -328,7 +334,7 @@ def estimate_memory(
 
     breakdown: dict[str, int] = {
         "cuda_context": cuda_context_bytes(),
-        "cuda_kernels_and_handles": kernel_bytes(act.flash_kernels(arch, setup)),
+        "cuda_kernels_and_handles": st.kernels,
         "weights": weights,
     }
     if adapters:
