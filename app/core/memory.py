@@ -202,14 +202,14 @@ def estimate_memory(
     n_masked = arch.sliding_layers if act.masked_sliding(arch, setup) else 0
     masked = st.layer_masked
     shared_mask = square if n_masked else 0
-    layer_kinds = [
-        (n, lay.saved * tokens + lay.attn_scores_saved * scores + bias)
-        for n, lay, bias in (
-            (arch.num_layers - n_masked, layer, 0),
-            (n_masked, masked, square * dtypes.attn),
-        )
-        if n
-    ]
+    # (layers, saved bytes each) of the plain and the masked layers, those there are
+    layer_kinds: list[tuple[int, int]] = []
+    if arch.num_layers - n_masked:
+        plain = layer.saved * tokens + layer.attn_scores_saved * scores
+        layer_kinds.append((arch.num_layers - n_masked, plain))
+    if n_masked:
+        bias = square * dtypes.attn
+        layer_kinds.append((n_masked, masked.saved * tokens + masked.attn_scores_saved * scores + bias))
     moe_share = arch.num_moe_layers / arch.num_layers if arch.num_layers else 0.0
     layer_saved_max = max(b for _, b in layer_kinds) + (moe_delta * tokens if arch.num_moe_layers else 0)
     # LoRA-wrapped experts save their folded W + BA per MoE layer (moe_lora)
@@ -352,8 +352,9 @@ def estimate_memory(
         "zero_buckets",
         "zero_cached_segments",
     ):
-        if best.get(key):
-            breakdown[key] = best[key]
+        value = best.get(key)
+        if value:
+            breakdown[key] = value
     if managed:
         # bitsandbytes paged states live in cudaMallocManaged memory: outside torch's allocator, but
         # resident on the GPU during the step, so NVML counts them (run a-llama-3.2-1b-sweeps-013).
