@@ -39,6 +39,9 @@
  * reaches 2^63; a plan with a larger tensor returns None and trace.py replays it in Python. */
 #define MAX_TENSOR ((int64_t)1 << 40)
 #define TOO_BIG (-2)
+/* Sim.err of an allocation past Live's range (2 TiB: a sum of sizes, FSDP's flat buffers), where
+ * the replay answers None as for TOO_BIG */
+#define PAST_RANGE 6
 #define NBINS 256
 #define EMPTY_CACHE (-((int64_t)1 << 62)) /* loading.EMPTY_CACHE */
 
@@ -55,10 +58,12 @@ typedef struct {
 } Block;
 
 
-/* A handle's allocation: its bytes and its block id, SMALL_LIVE or NOT_LIVE. */
+/* A handle's allocation: its block id, SMALL_LIVE or NOT_LIVE, and its bytes in 512-byte units.  Eight
+ * bytes, not sixteen: a replay writes one per handle, and a smaller array stays in the cache between
+ * calls. */
 typedef struct {
-    int64_t size;
-    int64_t block;
+    int32_t block;
+    uint32_t units;
 } Live;
 
 /* A free block in its bin: its key inline (a search reads no Block) and its id. */
@@ -241,6 +246,10 @@ INLINE void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
         s->err = 3;
         return;
     }
+    if (size > (int64_t)UINT32_MAX * MIN_BLOCK) {
+        s->err = PAST_RANGE;
+        return;
+    }
     if (i >= s->cap_live) {
         if (grow((void **)&s->live, &s->cap_live, i + 1, sizeof(Live))) {
             s->err = 1;
@@ -251,7 +260,7 @@ INLINE void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
      * replays, so every entry up to `hi` is written before it is read */
     for (int64_t j = s->hi + 1 - s->base; j < i; j++) s->live[j].block = NOT_LIVE;
     if (handle > s->hi) s->hi = handle;
-    s->live[i].size = size;
+    s->live[i].units = (uint32_t)(size / MIN_BLOCK); /* a block_bytes size: a multiple of 512 */
     s->live[i].block = block;
 }
 
@@ -329,8 +338,8 @@ static inline void sim_free(Sim *s, int64_t handle) {
         s->err = 3;
         return;
     }
-    int32_t id = (int32_t)s->live[i].block;
-    int64_t size = s->live[i].size;
+    int32_t id = s->live[i].block;
+    int64_t size = (int64_t)s->live[i].units * MIN_BLOCK;
     s->live[i].block = NOT_LIVE;
     s->allocated -= size;
     if (id == SMALL_LIVE) {
@@ -568,11 +577,12 @@ static void free_all(Sim *s, const int64_t *h, int64_t n) {
             s->err = 3;
             return;
         }
-        int32_t id = (int32_t)s->live[i].block;
+        int32_t id = s->live[i].block;
+        int64_t size = (int64_t)s->live[i].units * MIN_BLOCK;
         s->live[i].block = NOT_LIVE;
-        s->allocated -= s->live[i].size;
+        s->allocated -= size;
         if (id == SMALL_LIVE) {
-            s->small -= s->live[i].size;
+            s->small -= size;
         } else {
             blocks[id].is_free = PENDING;
             s->pend[k++] = id;
@@ -620,7 +630,9 @@ static inline int64_t largest_free(const Sim *s) {
  * outside the live blocks, and the group leaves those as it found them.  None makes a segment when
  * the largest free block holds all of the group's large allocations at once: whichever blocks they
  * take, each finds at worst the untouched rest of that block, which only they shorten.  Such a group
- * is only counted (allocated bytes, the small pool, its handles), not placed. */
+ * is only counted (allocated bytes, the small pool), not placed, and takes no handles: a handle only
+ * names an allocation for its free (the C replay's need not be the Python replay's), and fewer keep
+ * the per-handle array short. */
 static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -634,7 +646,6 @@ static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
 static inline void new_free(Sim *s, int64_t nbytes) {
     int64_t size = block_bytes(nbytes);
     if (size <= SMALL_SIZE || size <= largest_free(s)) {
-        s->handles++;
         count_new(s, size);
         count_free(s, size);
     } else {
@@ -680,7 +691,7 @@ static void reduce_scatter(Tracer *t, const int64_t *grads, const int64_t *sizes
 typedef struct {
     Vec root, shared, inputs, saved, copies, cache, unsharded, cp, layer, tmp, final, layer_grads,
         layer_grad_sizes, head, head_sizes, scratch, cur;
-    Vec deltas, at, group, made, run_need, op_need; /* first_pass_prepare's */
+    Vec deltas, at, group, run_need, op_need; /* first_pass_prepare's */
 } Lists;
 
 /* Entries a workspace keeps between replays; a larger one (an absurd plan) is given back. */
@@ -689,7 +700,7 @@ typedef struct {
 static void lists_release(Lists *l) {
     Vec *all[] = {&l->root,  &l->shared,      &l->inputs,           &l->saved, &l->copies, &l->cache,
                   &l->unsharded, &l->cp,      &l->layer,            &l->tmp,   &l->final,  &l->layer_grads,
-                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur, &l->deltas, &l->at, &l->group, &l->made, &l->run_need, &l->op_need};
+                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur, &l->deltas, &l->at, &l->group, &l->run_need, &l->op_need};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
@@ -705,20 +716,18 @@ static void count_deltas(Sim *s, const int64_t *deltas, int64_t from, int64_t to
 /* first_pass's counting, prepared once per replay (the sizes are the same in every layer): each op's
  * allocations and frees in order as deltas (its saved tensors made, the previous op's freed, then its
  * closed group: each 4-bit weight dequantized, its product made, the weight freed; the transients
- * made and freed; the products freed), from l->at[k], its group from l->group[k], l->made[k] handles
- * made before it; and the large bytes of the closed run from k (-1 where no op that saves nothing
- * follows) and of k's group, which the bound compares with the largest free block.  A run starts
+ * made and freed; the products freed), from l->at[k], its group from l->group[k]; and the large bytes
+ * of the closed run from k (-1 where no op that saves nothing follows) and of k's group, which the bound compares with the largest free block.  A run starts
  * where nothing of the layer is alive (the first op, or after one that saves nothing), so its first
  * op's deltas free nothing before it. */
 static void first_pass_prepare(const Plan *p, Tracer *t, Lists *l) {
     Vec *d = &l->deltas;
-    d->d_len = l->at.d_len = l->group.d_len = l->made.d_len = l->run_need.d_len = l->op_need.d_len = 0;
-    int64_t start = 0, prev = 0, prev_n = 0, made = 0;
+    d->d_len = l->at.d_len = l->group.d_len = l->run_need.d_len = l->op_need.d_len = 0;
+    int64_t start = 0, prev = 0, prev_n = 0;
     for (int64_t k = 0; k < p->n_ops; k++) {
         const Op *op = &p->ops[k];
         const Arr *dq = &op->dequant;
         vec_push(&l->at, d->d_len, &t->err);
-        vec_push(&l->made, made, &t->err);
         for (int64_t i = 0; i < op->count; i++) vec_push(d, block_bytes(p->layer_saved.v[start + i]), &t->err);
         for (int64_t i = 0; i < prev_n; i++) vec_push(d, -block_bytes(p->layer_saved.v[prev + i]), &t->err);
         vec_push(&l->group, d->d_len, &t->err);
@@ -732,18 +741,15 @@ static void first_pass_prepare(const Plan *p, Tracer *t, Lists *l) {
             const Arr *tr = &p->layer_transient;
             for (int64_t i = 0; i < tr->n; i++) vec_push(d, block_bytes(tr->v[i]), &t->err);
             for (int64_t i = 0; i < tr->n; i++) vec_push(d, -block_bytes(tr->v[i]), &t->err);
-            made += tr->n;
             need += large_bytes(tr->v, tr->n);
         }
         for (int64_t j = 1; j < dq->n; j += 2) vec_push(d, -block_bytes(dq->v[j]), &t->err);
-        made += op->count + dq->n / 2 * 2;
         vec_push(&l->op_need, need, &t->err);
         prev = start;
         prev_n = op->count;
         start += op->count;
     }
     vec_push(&l->at, d->d_len, &t->err);
-    vec_push(&l->made, made, &t->err);
     for (int64_t k = 0; k < p->n_ops && !t->err; k++) {
         int64_t e = k, need = 0;
         while (e < p->n_ops && p->ops[e].count) e++;
@@ -769,7 +775,6 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
             int64_t e = k;
             while (p->ops[e].count) start += p->ops[e++].count;
             count_deltas(sim, l->deltas.d, l->at.d[k], l->at.d[e + 1]);
-            sim->handles += l->made.d[e + 1] - l->made.d[k];
             k = e;
             continue;
         }
@@ -783,7 +788,6 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
         int transients = k == p->transient_op;
         if (l->op_need.d[k] <= largest_free(sim)) { /* the op's closed group, counted only */
             count_deltas(sim, l->deltas.d, l->group.d[k], l->at.d[k + 1]);
-            sim->handles += l->made.d[k + 1] - l->made.d[k] - op->count;
             continue;
         }
         l->tmp.d_len = 0;
@@ -1166,6 +1170,7 @@ static PyObject *replay(const Plan *p, const Loaded *ld, long long steps) {
             memset(sims[i], 0, sizeof(Sim));
         }
     }
+    if (err == PAST_RANGE) Py_RETURN_NONE;
     if (err == 1) return PyErr_NoMemory();
     if (err) {
         PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent trace (code %d)", err);
