@@ -922,8 +922,13 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             int64_t g_next = sim_new(sim, op->grad_in);
             free_all(sim, l->scratch.d, l->scratch.d_len);
             for (int64_t i = 0; i < op->grads.n; i++) {
-                vec_push(&l->layer_grads, sim_new(sim, op->grads.v[i]), &t->err);
-                vec_push(&l->layer_grad_sizes, op->grads.v[i], &t->err);
+                int64_t g = sim_new(sim, op->grads.v[i]);
+                if (fsdp) { /* reduce-scattered after the layer */
+                    vec_push(&l->layer_grads, g, &t->err);
+                    vec_push(&l->layer_grad_sizes, op->grads.v[i], &t->err);
+                } else {
+                    vec_push(grads, g, &t->err);
+                }
             }
             free_all(sim, saved + end - op->count, op->count);
             end -= op->count;
@@ -935,8 +940,6 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             if (l->layer_grads.d_len)
                 reduce_scatter(t, l->layer_grads.d, l->layer_grad_sizes.d, l->layer_grads.d_len, grads);
             free_all(sim, l->unsharded.d, l->unsharded.d_len);
-        } else {
-            for (int64_t i = 0; i < l->layer_grads.d_len; i++) vec_push(grads, l->layer_grads.d[i], &t->err);
         }
         if (p->checkpoint && l->inputs.d_len) {
             int64_t x = l->inputs.d[--l->inputs.d_len];
