@@ -317,12 +317,14 @@ def math_attention_backward(
     scores: int,
     kept_all: int,
     kept_per_layer: int,
+    residual: int,
 ) -> tuple[int, int]:
-    """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer."""
+    """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer
+    (`residual`: bytes per element of the residual stream, dtypes_for(setup).residual)."""
     prefix = layer.attention_prefix * tokens
     # Beside what the layer saved up to its attention: the gradient of the head-expanded v (BmmBackward0,
     # b x heads x s x head_dim, fp32) and the residual stream's gradient waiting at the attention's add.
-    grads = (4 * arch.q_width + dtypes_for(setup).residual * arch.hidden_size) * tokens
+    grads = (4 * arch.q_width + residual * arch.hidden_size) * tokens
     busy = (layer.attn_scores_saved + layer.attn_scores_transient) * scores + grads
     if setup.gradient_checkpointing:
         # The recomputed input norm saves the layer's fp32 input itself, which the checkpoint keeps.

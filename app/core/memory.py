@@ -262,7 +262,7 @@ def estimate_memory(
     bwd_bottom = kept_per_layer + recompute + transient + embed_out + layer_grads + head_grads
     if math:
         top, bottom = act.math_attention_backward(
-            arch, setup, layer, tokens, scores, kept_all, kept_per_layer
+            arch, setup, layer, tokens, scores, kept_all, kept_per_layer, dtypes.residual
         )
         bwd_top = max(bwd_top, top + head_grads)
         bwd_bottom = max(bwd_bottom, bottom + embed_out + layer_grads + head_grads)
