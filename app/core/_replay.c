@@ -2,7 +2,8 @@
  * same (peak allocated, peak reserved) bytes, 20-80x faster.  Two shortcuts leave the same free blocks
  * as the Python replay's one-by-one operations (free neighbours always merge, so the free blocks are a
  * function of the live ones): a list of frees merges each run once (free_all), and a closed group that
- * provably makes no segment is only counted (count_op_group, new_free).  A plan with a tensor over
+ * provably makes no segment is only counted (first_pass: a checkpointed layer's runs of ops and its
+ * ops' groups; new_free).  A plan with a tensor over
  * 1 TiB returns None (64-bit sums) and trace.py replays it in Python, as it does when this module is
  * not built; tests/core/test_replay_c.py compares the two on every calibration run and random plans.
  *
@@ -15,10 +16,6 @@
  * The load (loading.py) comes as a script: n >= 0 allocates n bytes (the script's k-th allocation is
  * allocation k), -1 - k frees allocation k, EMPTY_CACHE calls empty_cache.
  */
-#if defined(__GNUC__) && !defined(__clang__)
-/* GCC turns the bins' few-entry shifts into memmove calls, which cost more than the moves */
-#pragma GCC optimize("no-tree-loop-distribute-patterns")
-#endif
 /* the bins' and blocks' helpers: GCC left some out of line, and each replay calls them thousands of times */
 #define INLINE static inline __attribute__((always_inline))
 #define PY_SSIZE_T_CLEAN
@@ -42,6 +39,9 @@
  * reaches 2^63; a plan with a larger tensor returns None and trace.py replays it in Python. */
 #define MAX_TENSOR ((int64_t)1 << 40)
 #define TOO_BIG (-2)
+/* Sim.err of an allocation past Live's range (2 TiB: a sum of sizes, FSDP's flat buffers), where
+ * the replay answers None as for TOO_BIG */
+#define PAST_RANGE 6
 #define NBINS 256
 #define EMPTY_CACHE (-((int64_t)1 << 62)) /* loading.EMPTY_CACHE */
 
@@ -54,13 +54,16 @@ typedef struct {
     int64_t size, addr;
     int32_t prev, next; /* block ids of the segment's neighbours, NO_BLOCK at its ends */
     int32_t is_free;
+    int32_t pos; /* a free block's index in its bin */
 } Block;
 
 
-/* A handle's allocation: its bytes and its block id, SMALL_LIVE or NOT_LIVE. */
+/* A handle's allocation: its block id, SMALL_LIVE or NOT_LIVE, and its bytes in 512-byte units.  Eight
+ * bytes, not sixteen: a replay writes one per handle, and a smaller array stays in the cache between
+ * calls. */
 typedef struct {
-    int64_t size;
-    int64_t block;
+    int32_t block;
+    uint32_t units;
 } Live;
 
 /* A free block in its bin: its key inline (a search reads no Block) and its id. */
@@ -74,9 +77,8 @@ typedef struct {
     int32_t n_blocks, cap_blocks;
     int32_t *spare_ids; /* ids of merged-away blocks, reused */
     int32_t n_spare, cap_spare;
-    /* the free blocks in size bins (4 per power of two), each sorted by (size, addr): every size in a
-     * bin is below every size in the next, so the best fit is the first block of at least the
-     * request's size in its own bin, else the first block of the next non-empty bin */
+    /* the free blocks in size bins (4 per power of two), unsorted: every size in a bin is below every
+     * size in the next (take_best_fit) */
     Free *bin[NBINS];
     int32_t bin_n[NBINS], bin_cap[NBINS];
     uint64_t nonempty[(NBINS + 63) / 64];
@@ -130,23 +132,14 @@ static int size_bin(int64_t size) {
     return 4 * lg + sub; /* size <= 2^41 by MAX_TENSOR and segment rounding: below NBINS */
 }
 
-/* Index in bin `b` of the first block whose (size, addr) is not below (size, addr).  Bins hold a few
- * blocks (a handful in a QLoRA step, up to some hundred in full fine-tuning): a binary search down
- * to eight, then a scan. */
-INLINE int64_t lower_bound(const Sim *s, int b, int64_t size, int64_t addr) {
-    const Free *f = s->bin[b];
-    int64_t lo = 0, hi = s->bin_n[b];
-    while (hi - lo > 8) {
-        int64_t mid = (lo + hi) / 2;
-        if (f[mid].size < size || (f[mid].size == size && f[mid].addr < addr)) lo = mid + 1;
-        else hi = mid;
-    }
-    while (lo < hi && (f[lo].size < size || (f[lo].size == size && f[lo].addr < addr))) lo++;
-    return lo;
+/* Whether free block f comes before g in the best-fit order: smaller size, then lower address. */
+INLINE int before(const Free *f, const Free *g) {
+    return f->size < g->size || (f->size == g->size && f->addr < g->addr);
 }
 
 /* Block `id` (of `size` bytes at `addr`, passed in: reading back the Block just written stalls the
- * load on those stores) into its bin. */
+ * load on those stores) into its bin, appended: the bins are unsorted (a bin holds a few blocks, which
+ * a best fit scans), so an insert or a removal moves no other entry. */
 INLINE void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
     int b = size_bin(size);
     if (s->bin_n[b] == s->bin_cap[b] &&
@@ -154,28 +147,29 @@ INLINE void free_insert(Sim *s, int32_t id, int64_t size, int64_t addr) {
         s->err = 1;
         return;
     }
-    int64_t i = lower_bound(s, b, size, addr);
-    Free *f = s->bin[b];
-    if (s->bin_n[b] - i > 4) memmove(&f[i + 1], &f[i], (size_t)(s->bin_n[b] - i) * sizeof(Free));
-    else for (int64_t j = s->bin_n[b]; j > i; j--) f[j] = f[j - 1];
-    f[i].size = size;
-    f[i].addr = addr;
-    f[i].id = id;
-    s->bin_n[b]++;
+    int32_t i = s->bin_n[b]++;
+    Free *f = &s->bin[b][i];
+    f->size = size;
+    f->addr = addr;
+    f->id = id;
+    s->blocks[id].pos = i;
     s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
 }
 
-INLINE void free_remove_at(Sim *s, int b, int64_t i) {
+/* Entry i out of bin b: the bin's last entry takes its place. */
+INLINE void free_remove_at(Sim *s, int b, int32_t i) {
     Free *f = s->bin[b];
-    int64_t n = --s->bin_n[b];
-    if (n - i > 4) memmove(&f[i], &f[i + 1], (size_t)(n - i) * sizeof(Free));
-    else for (int64_t j = i; j < n; j++) f[j] = f[j + 1];
+    int32_t n = --s->bin_n[b];
+    if (i != n) {
+        f[i] = f[n];
+        s->blocks[f[i].id].pos = i;
+    }
     if (n == 0) s->nonempty[b / 64] &= ~((uint64_t)1 << (b % 64));
 }
 
 INLINE void free_remove(Sim *s, int32_t id) {
     int b = size_bin(s->blocks[id].size);
-    int64_t i = lower_bound(s, b, s->blocks[id].size, s->blocks[id].addr);
+    int32_t i = s->blocks[id].pos;
     if (i >= s->bin_n[b] || s->bin[b][i].id != id) {
         s->err = 2;
         return;
@@ -184,32 +178,37 @@ INLINE void free_remove(Sim *s, int32_t id) {
 }
 
 /* Take the best-fitting free block (smallest size, then lowest address) of at least `size` bytes
- * out of the bins; NO_BLOCK when none is that large. */
+ * out of the bins; NO_BLOCK when none is that large.  Every size in a bin is below every size in the
+ * next, so the best fit is the first in that order of the request's own bin's blocks that hold it,
+ * else the first of the next non-empty bin's. */
 INLINE int32_t take_best_fit(Sim *s, int64_t size, int64_t *bsize, int64_t *baddr) {
     int b = size_bin(size);
-    int64_t i = lower_bound(s, b, size, -1);
-    if (i < s->bin_n[b]) {
-        const Free *f = &s->bin[b][i];
-        int32_t id = (int32_t)f->id;
-        *bsize = f->size;
-        *baddr = f->addr;
-        free_remove_at(s, b, i);
-        return id;
+    const Free *f = s->bin[b];
+    int32_t n = s->bin_n[b], best = -1;
+    for (int32_t i = 0; i < n; i++) {
+        if (f[i].size >= size && (best < 0 || before(&f[i], &f[best]))) best = i;
     }
-    for (int w = (b + 1) / 64; w < (NBINS + 63) / 64; w++) {
-        uint64_t bits = s->nonempty[w];
-        if (w == (b + 1) / 64) bits &= ~(uint64_t)0 << ((b + 1) % 64);
-        if (bits) {
-            int nb = 64 * w + __builtin_ctzll(bits);
-            const Free *f = &s->bin[nb][0];
-            int32_t id = (int32_t)f->id;
-            *bsize = f->size;
-            *baddr = f->addr;
-            free_remove_at(s, nb, 0);
-            return id;
+    if (best < 0) {
+        int next = b + 1;
+        b = -1;
+        for (int w = next / 64; w < (NBINS + 63) / 64 && b < 0; w++) {
+            uint64_t bits = s->nonempty[w];
+            if (w == next / 64) bits &= ~(uint64_t)0 << (next % 64);
+            if (bits) b = 64 * w + __builtin_ctzll(bits);
+        }
+        if (b < 0) return NO_BLOCK;
+        f = s->bin[b];
+        n = s->bin_n[b];
+        best = 0;
+        for (int32_t i = 1; i < n; i++) {
+            if (before(&f[i], &f[best])) best = i;
         }
     }
-    return NO_BLOCK;
+    int32_t id = (int32_t)f[best].id;
+    *bsize = f[best].size;
+    *baddr = f[best].addr;
+    free_remove_at(s, b, best);
+    return id;
 }
 
 INLINE int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32_t next, int32_t is_free) {
@@ -229,6 +228,7 @@ INLINE int32_t block_new(Sim *s, int64_t addr, int64_t size, int32_t prev, int32
     b->prev = prev;
     b->next = next;
     b->is_free = is_free;
+    b->pos = -1;
     return id;
 }
 
@@ -246,6 +246,10 @@ INLINE void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
         s->err = 3;
         return;
     }
+    if (size > (int64_t)UINT32_MAX * MIN_BLOCK) {
+        s->err = PAST_RANGE;
+        return;
+    }
     if (i >= s->cap_live) {
         if (grow((void **)&s->live, &s->cap_live, i + 1, sizeof(Live))) {
             s->err = 1;
@@ -256,7 +260,7 @@ INLINE void live_set(Sim *s, int64_t handle, int32_t block, int64_t size) {
      * replays, so every entry up to `hi` is written before it is read */
     for (int64_t j = s->hi + 1 - s->base; j < i; j++) s->live[j].block = NOT_LIVE;
     if (handle > s->hi) s->hi = handle;
-    s->live[i].size = size;
+    s->live[i].units = (uint32_t)(size / MIN_BLOCK); /* a block_bytes size: a multiple of 512 */
     s->live[i].block = block;
 }
 
@@ -334,8 +338,8 @@ static inline void sim_free(Sim *s, int64_t handle) {
         s->err = 3;
         return;
     }
-    int32_t id = (int32_t)s->live[i].block;
-    int64_t size = s->live[i].size;
+    int32_t id = s->live[i].block;
+    int64_t size = (int64_t)s->live[i].units * MIN_BLOCK;
     s->live[i].block = NOT_LIVE;
     s->allocated -= size;
     if (id == SMALL_LIVE) {
@@ -378,6 +382,7 @@ static void sim_empty_cache(Sim *s) {
                 s->reserved -= bl->size;
                 block_drop(s, id);
             } else {
+                s->blocks[id].pos = kept;
                 s->bin[b][kept++] = s->bin[b][i];
             }
         }
@@ -410,7 +415,7 @@ static void sim_reset(Sim *s, int64_t base) {
 /* The loaded model as the steps see it.  The steps never free a load's allocation, so a live block
  * of the load only ever stops a free neighbour from merging, as a segment's end does; segments
  * without a free block never change.  What is kept is the free blocks (each between two walls, as
- * free neighbours merge) sorted by (size, address), and the counters. */
+ * free neighbours merge) and the counters. */
 typedef struct {
     int64_t n_free;
     int64_t *size, *addr;
@@ -434,7 +439,7 @@ static int snapshot(Loaded *ld, const Sim *s) {
         return -1;
     }
     n = 0;
-    for (int b = 0; b < NBINS; b++) { /* bins in size order, each sorted: (size, address) order */
+    for (int b = 0; b < NBINS; b++) {
         for (int32_t i = 0; i < s->bin_n[b]; i++, n++) {
             ld->size[n] = s->bin[b][i].size;
             ld->addr[n] = s->bin[b][i].addr;
@@ -463,12 +468,12 @@ static void sim_restore(Sim *s, const Loaded *ld) {
     for (int64_t i = 0; i < ld->n_free && !s->err; i++) {
         int32_t id = block_new(s, ld->addr[i], ld->size[i], NO_BLOCK, NO_BLOCK, 1);
         int b = size_bin(ld->size[i]);
-        /* appended in (size, address) order: each bin stays sorted */
         if (id == NO_BLOCK ||
             grow32((void **)&s->bin[b], &s->bin_cap[b], (int64_t)s->bin_n[b] + 1, sizeof(Free))) {
             s->err = 1;
             return;
         }
+        s->blocks[id].pos = s->bin_n[b];
         s->bin[b][s->bin_n[b]++] = (Free){ld->size[i], ld->addr[i], id};
         s->nonempty[b / 64] |= (uint64_t)1 << (b % 64);
     }
@@ -572,11 +577,12 @@ static void free_all(Sim *s, const int64_t *h, int64_t n) {
             s->err = 3;
             return;
         }
-        int32_t id = (int32_t)s->live[i].block;
+        int32_t id = s->live[i].block;
+        int64_t size = (int64_t)s->live[i].units * MIN_BLOCK;
         s->live[i].block = NOT_LIVE;
-        s->allocated -= s->live[i].size;
+        s->allocated -= size;
         if (id == SMALL_LIVE) {
-            s->small -= s->live[i].size;
+            s->small -= size;
         } else {
             blocks[id].is_free = PENDING;
             s->pend[k++] = id;
@@ -609,7 +615,10 @@ static inline int64_t largest_free(const Sim *s) {
     for (int w = (NBINS + 63) / 64 - 1; w >= 0; w--) {
         if (s->nonempty[w]) {
             int b = 64 * w + 63 - __builtin_clzll(s->nonempty[w]);
-            return s->bin[b][s->bin_n[b] - 1].size;
+            int64_t most = 0; /* the bins are unsorted */
+            for (int32_t i = 0; i < s->bin_n[b]; i++)
+                if (s->bin[b][i].size > most) most = s->bin[b][i].size;
+            return most;
         }
     }
     return 0;
@@ -621,7 +630,9 @@ static inline int64_t largest_free(const Sim *s) {
  * outside the live blocks, and the group leaves those as it found them.  None makes a segment when
  * the largest free block holds all of the group's large allocations at once: whichever blocks they
  * take, each finds at worst the untouched rest of that block, which only they shorten.  Such a group
- * is only counted (allocated bytes, the small pool, its handles), not placed. */
+ * is only counted (allocated bytes, the small pool), not placed, and takes no handles: a handle only
+ * names an allocation for its free (the C replay's need not be the Python replay's), and fewer keep
+ * the per-handle array short. */
 static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -635,7 +646,6 @@ static inline int64_t large_bytes(const int64_t *sizes, int64_t n) {
 static inline void new_free(Sim *s, int64_t nbytes) {
     int64_t size = block_bytes(nbytes);
     if (size <= SMALL_SIZE || size <= largest_free(s)) {
-        s->handles++;
         count_new(s, size);
         count_free(s, size);
     } else {
@@ -681,6 +691,7 @@ static void reduce_scatter(Tracer *t, const int64_t *grads, const int64_t *sizes
 typedef struct {
     Vec root, shared, inputs, saved, copies, cache, unsharded, cp, layer, tmp, final, layer_grads,
         layer_grad_sizes, head, head_sizes, scratch, cur;
+    Vec deltas, at, group, run_need, op_need; /* first_pass_prepare's */
 } Lists;
 
 /* Entries a workspace keeps between replays; a larger one (an absurd plan) is given back. */
@@ -689,37 +700,84 @@ typedef struct {
 static void lists_release(Lists *l) {
     Vec *all[] = {&l->root,  &l->shared,      &l->inputs,           &l->saved, &l->copies, &l->cache,
                   &l->unsharded, &l->cp,      &l->layer,            &l->tmp,   &l->final,  &l->layer_grads,
-                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur};
+                  &l->layer_grad_sizes, &l->head, &l->head_sizes, &l->scratch, &l->cur, &l->deltas, &l->at, &l->group, &l->run_need, &l->op_need};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->d);
 }
 
-/* first_pass's closed group of one op, counted only: each 4-bit weight dequantized, its product made,
- * the weight freed; the transients made and freed; the products freed (the order sets the peaks). */
-static void count_op_group(Sim *s, const Op *op, const Arr *transient) {
-    for (int64_t j = 0; j + 1 < op->dequant.n; j += 2) {
-        int64_t w = block_bytes(op->dequant.v[j]);
-        count_new(s, w);
-        count_new(s, block_bytes(op->dequant.v[j + 1]));
-        count_free(s, w);
-        s->handles += 2;
+/* Count deltas[from..to): a positive one is an allocation of that many bytes, a negative one a free. */
+static void count_deltas(Sim *s, const int64_t *deltas, int64_t from, int64_t to) {
+    for (int64_t i = from; i < to; i++) {
+        int64_t d = deltas[i];
+        if (d > 0) count_new(s, d);
+        else count_free(s, -d);
     }
-    if (transient) {
-        for (int64_t i = 0; i < transient->n; i++) count_new(s, block_bytes(transient->v[i]));
-        for (int64_t i = 0; i < transient->n; i++) count_free(s, block_bytes(transient->v[i]));
-        s->handles += transient->n;
+}
+
+/* first_pass's counting, prepared once per replay (the sizes are the same in every layer): each op's
+ * allocations and frees in order as deltas (its saved tensors made, the previous op's freed, then its
+ * closed group: each 4-bit weight dequantized, its product made, the weight freed; the transients
+ * made and freed; the products freed), from l->at[k], its group from l->group[k]; and the large bytes
+ * of the closed run from k (-1 where no op that saves nothing follows) and of k's group, which the bound compares with the largest free block.  A run starts
+ * where nothing of the layer is alive (the first op, or after one that saves nothing), so its first
+ * op's deltas free nothing before it. */
+static void first_pass_prepare(const Plan *p, Tracer *t, Lists *l) {
+    Vec *d = &l->deltas;
+    d->d_len = l->at.d_len = l->group.d_len = l->run_need.d_len = l->op_need.d_len = 0;
+    int64_t start = 0, prev = 0, prev_n = 0;
+    for (int64_t k = 0; k < p->n_ops; k++) {
+        const Op *op = &p->ops[k];
+        const Arr *dq = &op->dequant;
+        vec_push(&l->at, d->d_len, &t->err);
+        for (int64_t i = 0; i < op->count; i++) vec_push(d, block_bytes(p->layer_saved.v[start + i]), &t->err);
+        for (int64_t i = 0; i < prev_n; i++) vec_push(d, -block_bytes(p->layer_saved.v[prev + i]), &t->err);
+        vec_push(&l->group, d->d_len, &t->err);
+        for (int64_t j = 0; j + 1 < dq->n; j += 2) {
+            vec_push(d, block_bytes(dq->v[j]), &t->err);
+            vec_push(d, block_bytes(dq->v[j + 1]), &t->err);
+            vec_push(d, -block_bytes(dq->v[j]), &t->err);
+        }
+        int64_t need = large_bytes(dq->v, dq->n);
+        if (k == p->transient_op) {
+            const Arr *tr = &p->layer_transient;
+            for (int64_t i = 0; i < tr->n; i++) vec_push(d, block_bytes(tr->v[i]), &t->err);
+            for (int64_t i = 0; i < tr->n; i++) vec_push(d, -block_bytes(tr->v[i]), &t->err);
+            need += large_bytes(tr->v, tr->n);
+        }
+        for (int64_t j = 1; j < dq->n; j += 2) vec_push(d, -block_bytes(dq->v[j]), &t->err);
+        vec_push(&l->op_need, need, &t->err);
+        prev = start;
+        prev_n = op->count;
+        start += op->count;
     }
-    for (int64_t j = 1; j < op->dequant.n; j += 2) count_free(s, block_bytes(op->dequant.v[j]));
+    vec_push(&l->at, d->d_len, &t->err);
+    for (int64_t k = 0; k < p->n_ops && !t->err; k++) {
+        int64_t e = k, need = 0;
+        while (e < p->n_ops && p->ops[e].count) e++;
+        for (int64_t i = l->at.d[k]; e < p->n_ops && i < l->at.d[e + 1]; i++)
+            if (l->deltas.d[i] > SMALL_SIZE) need += l->deltas.d[i];
+        vec_push(&l->run_need, e < p->n_ops ? need : -1, &t->err);
+    }
 }
 
 /* A checkpointed layer's first forward, op by op (trace._first_pass): each op's tensors die once the
  * next op has run; a 4-bit linear's dequantized weight is freed once its product is made.  Leaves the
- * last op's tensors in l->layer. */
+ * last op's tensors in l->layer.  Where nothing of the layer is alive, the ops up to the next one that
+ * saves nothing are a closed group (all their tensors die by its end): counted when the largest free
+ * block holds all their large allocations. */
 static void first_pass(const Plan *p, Tracer *t, Lists *l) {
     Sim *sim = &t->sim;
     int64_t start = 0;
     l->layer.d_len = 0;
     for (int64_t k = 0; k < p->n_ops && !ERR(t); k++) {
         const Op *op = &p->ops[k];
+        if (!l->layer.d_len && l->run_need.d[k] >= 0 && l->run_need.d[k] <= largest_free(sim)) {
+            /* ops k..e, the next that saves nothing, counted only */
+            int64_t e = k;
+            while (p->ops[e].count) start += p->ops[e++].count;
+            count_deltas(sim, l->deltas.d, l->at.d[k], l->at.d[e + 1]);
+            k = e;
+            continue;
+        }
         l->cur.d_len = 0;
         for (int64_t i = 0; i < op->count; i++)
             vec_push(&l->cur, sim_new(sim, p->layer_saved.v[start + i]), &t->err);
@@ -728,10 +786,8 @@ static void first_pass(const Plan *p, Tracer *t, Lists *l) {
         l->layer.d_len = 0;
         for (int64_t i = 0; i < l->cur.d_len; i++) vec_push(&l->layer, l->cur.d[i], &t->err);
         int transients = k == p->transient_op;
-        int64_t need = large_bytes(op->dequant.v, op->dequant.n);
-        if (transients) need += large_bytes(p->layer_transient.v, p->layer_transient.n);
-        if (need <= largest_free(sim)) {
-            count_op_group(sim, op, transients ? &p->layer_transient : NULL);
+        if (l->op_need.d[k] <= largest_free(sim)) { /* the op's closed group, counted only */
+            count_deltas(sim, l->deltas.d, l->group.d[k], l->at.d[k + 1]);
             continue;
         }
         l->tmp.d_len = 0;
@@ -866,8 +922,13 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             int64_t g_next = sim_new(sim, op->grad_in);
             free_all(sim, l->scratch.d, l->scratch.d_len);
             for (int64_t i = 0; i < op->grads.n; i++) {
-                vec_push(&l->layer_grads, sim_new(sim, op->grads.v[i]), &t->err);
-                vec_push(&l->layer_grad_sizes, op->grads.v[i], &t->err);
+                int64_t g = sim_new(sim, op->grads.v[i]);
+                if (fsdp) { /* reduce-scattered after the layer */
+                    vec_push(&l->layer_grads, g, &t->err);
+                    vec_push(&l->layer_grad_sizes, op->grads.v[i], &t->err);
+                } else {
+                    vec_push(grads, g, &t->err);
+                }
             }
             free_all(sim, saved + end - op->count, op->count);
             end -= op->count;
@@ -879,8 +940,6 @@ static void forward_backward(const Plan *p, Tracer *t, Lists *l, Vec *grads, int
             if (l->layer_grads.d_len)
                 reduce_scatter(t, l->layer_grads.d, l->layer_grad_sizes.d, l->layer_grads.d_len, grads);
             free_all(sim, l->unsharded.d, l->unsharded.d_len);
-        } else {
-            for (int64_t i = 0; i < l->layer_grads.d_len; i++) vec_push(grads, l->layer_grads.d[i], &t->err);
         }
         if (p->checkpoint && l->inputs.d_len) {
             int64_t x = l->inputs.d[--l->inputs.d_len];
@@ -952,6 +1011,7 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
     static Lists l;
     Sim *sim = &t->sim;
     held.d_len = 0; /* the last step's tensors that its `loss` keeps alive (Plan.held_input) */
+    if (p->checkpoint) first_pass_prepare(p, t, &l);
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
         forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0, &held);
         if (ERR(t)) break;
@@ -1113,6 +1173,7 @@ static PyObject *replay(const Plan *p, const Loaded *ld, long long steps) {
             memset(sims[i], 0, sizeof(Sim));
         }
     }
+    if (err == PAST_RANGE) Py_RETURN_NONE;
     if (err == 1) return PyErr_NoMemory();
     if (err) {
         PyErr_Format(PyExc_RuntimeError, "allocator replay: inconsistent trace (code %d)", err);

@@ -10,7 +10,7 @@ All sizes are bytes per token (per batch element and position) unless a name say
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from app.core import moe_lora
 from app.core.architecture import Architecture
@@ -114,6 +114,16 @@ class LayerActivations:
     tensors: tuple[int, ...]  # the saved set as separate allocations (bytes per token each)
     ops: tuple[LayerOp, ...]  # the same tensors grouped by the op whose backward frees them
 
+    @cached_property  # kept on the (cached) instance: every estimate with SDPA's math kernel asks
+    def attention_prefix(self) -> int:
+        """Bytes per token the layer saves up to and including its attention (its input norm first)."""
+        total = 0
+        for o in self.ops:
+            total += sum(o.saved)
+            if o.name == "attention":
+                break
+        return total
+
 
 @dataclass(frozen=True)
 class LayerOp:
@@ -127,7 +137,9 @@ class LayerOp:
 
 # What shape_key sets, by position among TrainingSetup's fields.
 _SHAPE_FIXED = {"batch_size": 1, "seq_len": 1, "num_gpus": 1, "parallelism": "ddp"}
-_SHAPE_AT = {i: _SHAPE_FIXED[f.name] for i, f in enumerate(fields(TrainingSetup)) if f.name in _SHAPE_FIXED}
+_SHAPE_AT = tuple(
+    (i, _SHAPE_FIXED[f.name]) for i, f in enumerate(fields(TrainingSetup)) if f.name in _SHAPE_FIXED
+)
 
 
 @lru_cache(maxsize=4096)
@@ -135,8 +147,10 @@ def shape_key(setup: TrainingSetup) -> TrainingSetup:
     """The setup with batch, length and GPUs set to one: what per-token terms depend on."""
     # A new batch x seq of a known setup finds its key by field values: replace() re-validates the
     # setup and was a tenth of a cold estimate.
-    values = tuple(_SHAPE_AT.get(i, v) for i, v in enumerate(field_values(setup)))
-    return _shape_of(values)
+    values = list(field_values(setup))
+    for i, v in _SHAPE_AT:  # four fields set in place: a generator over all fields cost twice as much
+        values[i] = v
+    return _shape_of(tuple(values))
 
 
 @lru_cache(maxsize=1024)
@@ -295,16 +309,6 @@ def _layer_transient(arch: Architecture, setup: TrainingSetup, d: Dtypes) -> int
     return sum(layer_transient_tensors(arch, setup))
 
 
-def attention_prefix(layer: LayerActivations) -> int:
-    """Bytes per token a layer saves up to and including its attention (its input norm first)."""
-    total = 0
-    for o in layer.ops:
-        total += sum(o.saved)
-        if o.name == "attention":
-            break
-    return total
-
-
 def math_attention_backward(
     arch: Architecture,
     setup: TrainingSetup,
@@ -313,12 +317,14 @@ def math_attention_backward(
     scores: int,
     kept_all: int,
     kept_per_layer: int,
+    residual: int,
 ) -> tuple[int, int]:
-    """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer."""
-    prefix = attention_prefix(layer) * tokens
+    """Activation bytes live while SDPA's math kernel runs its backward, in the top and bottom layer
+    (`residual`: bytes per element of the residual stream, dtypes_for(setup).residual)."""
+    prefix = layer.attention_prefix * tokens
     # Beside what the layer saved up to its attention: the gradient of the head-expanded v (BmmBackward0,
     # b x heads x s x head_dim, fp32) and the residual stream's gradient waiting at the attention's add.
-    grads = (4 * arch.q_width + dtypes_for(setup).residual * arch.hidden_size) * tokens
+    grads = (4 * arch.q_width + residual * arch.hidden_size) * tokens
     busy = (layer.attn_scores_saved + layer.attn_scores_transient) * scores + grads
     if setup.gradient_checkpointing:
         # The recomputed input norm saves the layer's fp32 input itself, which the checkpoint keeps.

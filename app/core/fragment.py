@@ -228,7 +228,11 @@ def _dequant(arch: Architecture, method: str, precision: str, double_quant: bool
 @lru_cache(maxsize=4096)
 def fragmentation(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]) -> tuple[int, int, int]:
     """(replayed peak allocated, replayed peak reserved, reserved minus allocated) in bytes."""
-    tmpl = _shape(arch, _unit_batch(setup), targets).template()
+    # one GPU without sharding (every estimate's own replay): the unit setup is the shape key, which the
+    # estimate has already looked up
+    one = setup.num_gpus == 1 and setup.parallelism == "ddp"
+    unit = act.shape_key(setup) if one else _unit_batch(setup)
+    tmpl = _shape(arch, unit, targets).template()
     found = simulate_at(tmpl, setup.batch_size, setup.seq_len) if tmpl is not None else None
     alloc, reserved = found if found is not None else simulate(_replayed_plan(arch, setup, targets))
     return alloc, reserved, reserved - alloc
@@ -281,13 +285,16 @@ def _shape(arch: Architecture, unit: TrainingSetup, targets: frozenset[str]) -> 
 
 
 # TrainingSetup's field positions of the batch size and length, which _unit_batch sets to one.
-_BATCH_AT = {i for i, f in enumerate(fields(TrainingSetup)) if f.name in ("batch_size", "seq_len")}
+_BATCH_AT = tuple(i for i, f in enumerate(fields(TrainingSetup)) if f.name in ("batch_size", "seq_len"))
 
 
 @lru_cache(maxsize=4096)
 def _unit_batch(setup: TrainingSetup) -> TrainingSetup:
     """The setup at batch 1 and length 1: what keys its replay template."""
-    return _setup_of(tuple(1 if i in _BATCH_AT else v for i, v in enumerate(field_values(setup))))
+    values = list(field_values(setup))
+    for i in _BATCH_AT:  # two fields set in place: a generator over all fields cost twice as much
+        values[i] = 1
+    return _setup_of(tuple(values))
 
 
 @lru_cache(maxsize=1024)

@@ -86,9 +86,20 @@ class _Static:
     expert_folds: tuple[int, int]  # one layer's W + BA of LoRA-wrapped experts (gate_up, down)
     dense_mlp: int
     logits: act.LogitsBytes
+    dtypes: act.Dtypes
+    sdpa_math: bool  # act.sdpa_math: SDPA falls back to its math kernel
+    kernels: int  # cuda_kernels_and_handles
 
 
 _shape_key = act.shape_key
+
+# A fixed notice (frozen): made once, not on every estimate that gets it.
+_PROBABILITIES_STORED = Notice(
+    "attention_probabilities_stored",
+    "Attention runs in fp32 with grouped k/v heads, which PyTorch's flash and memory-efficient "
+    "kernels do not take: SDPA falls back to its math kernel and stores the attention "
+    "probabilities (batch x heads x seq^2 x 4 bytes per layer).",
+)
 
 
 @lru_cache(maxsize=1024)
@@ -131,6 +142,9 @@ def _static(arch: Architecture, setup: TrainingSetup) -> _Static:
         expert_folds=moe_lora.folded(arch, targets, moe_lora.weight_bytes(setup.method, param_bytes(setup))),
         dense_mlp=act.moe_dense_mlp_saved(arch, setup),
         logits=act.logits_bytes(arch, setup),
+        dtypes=act.dtypes_for(setup),
+        sdpa_math=act.sdpa_math(arch, setup),
+        kernels=kernel_bytes(act.flash_kernels(arch, setup)),
     )
 
 
@@ -152,7 +166,7 @@ def estimate_memory(
     targets = st.targets
     n = setup.num_gpus
     multi = n > 1
-    dtypes = act.dtypes_for(setup)
+    dtypes = st.dtypes
     tokens = setup.batch_size * setup.seq_len
     weight_groups, dequant_bytes = st.weight_groups, st.dequant_bytes
     g_size = st.grad_size
@@ -188,14 +202,14 @@ def estimate_memory(
     n_masked = arch.sliding_layers if act.masked_sliding(arch, setup) else 0
     masked = st.layer_masked
     shared_mask = square if n_masked else 0
-    layer_kinds = [
-        (n, lay.saved * tokens + lay.attn_scores_saved * scores + bias)
-        for n, lay, bias in (
-            (arch.num_layers - n_masked, layer, 0),
-            (n_masked, masked, square * dtypes.attn),
-        )
-        if n
-    ]
+    # (layers, saved bytes each) of the plain and the masked layers, those there are
+    layer_kinds: list[tuple[int, int]] = []
+    if arch.num_layers - n_masked:
+        plain = layer.saved * tokens + layer.attn_scores_saved * scores
+        layer_kinds.append((arch.num_layers - n_masked, plain))
+    if n_masked:
+        bias = square * dtypes.attn
+        layer_kinds.append((n_masked, masked.saved * tokens + masked.attn_scores_saved * scores + bias))
     moe_share = arch.num_moe_layers / arch.num_layers if arch.num_layers else 0.0
     layer_saved_max = max(b for _, b in layer_kinds) + (moe_delta * tokens if arch.num_moe_layers else 0)
     # LoRA-wrapped experts save their folded W + BA per MoE layer (moe_lora)
@@ -216,7 +230,8 @@ def estimate_memory(
         recompute = 0
     # SDPA's math kernel (fp32 attention with grouped k/v heads) has its own busiest moment, the
     # attention's backward (activations.math_attention_backward); the MLP's backward holds none of its scores.
-    math = act.sdpa_math(arch, setup) and arch.num_layers > n_masked
+    sdpa_math = st.sdpa_math
+    math = sdpa_math and arch.num_layers > n_masked
     transient = layer.transient * tokens + (0 if math else layer.attn_scores_transient) * scores
     if arch.num_moe_layers:
         # plus the weight gradient of the fold being back-propagated
@@ -247,7 +262,7 @@ def estimate_memory(
     bwd_bottom = kept_per_layer + recompute + transient + embed_out + layer_grads + head_grads
     if math:
         top, bottom = act.math_attention_backward(
-            arch, setup, layer, tokens, scores, kept_all, kept_per_layer
+            arch, setup, layer, tokens, scores, kept_all, kept_per_layer, dtypes.residual
         )
         bwd_top = max(bwd_top, top + head_grads)
         bwd_bottom = max(bwd_bottom, bottom + embed_out + layer_grads + head_grads)
@@ -309,11 +324,17 @@ def estimate_memory(
         zt = zero_terms(arch, setup, targets)
         apply_zero(phases, zt)
         adapters, managed = zt.adapters, zt.managed
-    best_name, best = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    # the first phase of the largest sum (as max() with a key, without its per-item lambda)
+    best_name, best = next(iter(phases.items()))
+    most = sum(best.values())
+    for name, terms in phases.items():
+        total = sum(terms.values())
+        if total > most:
+            best_name, best, most = name, terms, total
 
     breakdown: dict[str, int] = {
         "cuda_context": cuda_context_bytes(),
-        "cuda_kernels_and_handles": kernel_bytes(act.flash_kernels(arch, setup)),
+        "cuda_kernels_and_handles": st.kernels,
         "weights": weights,
     }
     if adapters:
@@ -331,8 +352,9 @@ def estimate_memory(
         "zero_buckets",
         "zero_cached_segments",
     ):
-        if best.get(key):
-            breakdown[key] = best[key]
+        value = best.get(key)
+        if value:
+            breakdown[key] = value
     if managed:
         # bitsandbytes paged states live in cudaMallocManaged memory: outside torch's allocator, but
         # resident on the GPU during the step, so NVML counts them (run a-llama-3.2-1b-sweeps-013).
@@ -347,14 +369,17 @@ def estimate_memory(
     breakdown["library_workspaces"] = CUBLAS_WORKSPACE_BYTES
     # Reserved-but-free memory of the caching allocator, from replaying the step's allocations
     # (fragment.py); for sharded multi-GPU setups the single-GPU replay is scaled to the smaller peak.
-    replayed = _single_gpu(fragmentation_like or setup)
+    own = setup if setup.num_gpus == 1 else _single_gpu(setup)  # as _single_gpu, without its cache
+    replayed = own if fragmentation_like is None else _single_gpu(fragmentation_like)
     sim_alloc, _, frag = fragmentation(arch, replayed, targets)
-    allocated = sum(
-        v
-        for k, v in breakdown.items()
-        if k not in ("cuda_context", "cuda_kernels_and_handles", "optimizer_states_paged")
+    # what torch allocates: all but the context, the kernels and the paged (managed) states
+    allocated = (
+        sum(breakdown.values())
+        - breakdown["cuda_context"]
+        - breakdown["cuda_kernels_and_handles"]
+        - breakdown.get("optimizer_states_paged", 0)
     )
-    if sim_alloc and replayed != _single_gpu(setup):
+    if sim_alloc and replayed is not own and replayed != own:
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
     if multi and setup.parallelism == "ddp":
@@ -437,15 +462,8 @@ def estimate_memory(
                 f"{arch.expert_params / 1e9:,.1f} B expert parameters at 4 bytes each.",
             )
         )
-    if act.sdpa_math(arch, setup) and not n_masked:
-        warnings.append(
-            Notice(
-                "attention_probabilities_stored",
-                "Attention runs in fp32 with grouped k/v heads, which PyTorch's flash and memory-efficient "
-                "kernels do not take: SDPA falls back to its math kernel and stores the attention "
-                "probabilities (batch x heads x seq^2 x 4 bytes per layer).",
-            )
-        )
+    if sdpa_math and not n_masked:
+        warnings.append(_PROBABILITIES_STORED)
     if setup.seq_len > arch.max_position_embeddings:
         warnings.append(
             Notice(

@@ -222,3 +222,38 @@ def test_a_template_answers_none_past_the_c_range() -> None:
     assert trace.simulate_at(tmpl, 1, 10**15) is None
     assert trace.simulate_at(tmpl, 1 << 40, 10**18) is None  # past int64 on the way
     assert fragment.fragmentation(a, TrainingSetup("lora", seq_len=10**15), frozenset({"q_proj", "v_proj"}))
+
+
+def test_a_gathered_buffer_past_the_c_range_replays_in_python() -> None:
+    # FSDP's flat all-gather buffer sums a layer's weights: three of 1 TiB pass the 2 TiB that one
+    # allocation holds in the C replay (its 512-byte units in 32 bits), which then answers None, and
+    # trace.simulate replays the plan in Python
+    tib = 1 << 40
+    plan = TracePlan(
+        load=(),
+        layers=1,
+        opt_params=(),
+        head_grads=(),
+        embed_grad=0,
+        tied_accumulate=0,
+        grad_size=4,
+        optimizer="sgd",
+        layer_saved=(),
+        layer_ops=((0, (), 1 << 20, ()),),
+        layer_transient=(),
+        layer_copies=(),
+        head_copy=0,
+        cache_copies=False,
+        checkpoint=False,
+        hidden=1 << 20,
+        final_saved=(),
+        logits=1 << 20,
+        logits_fp32=0,
+        vocab_fp32=1 << 20,
+        shared=(),
+        dequant=0,
+        shards=2,
+        layer_weights=(tib, tib, tib),
+    )
+    assert _c(plan) is None
+    assert trace.simulate(plan) == simulate_py(plan)
