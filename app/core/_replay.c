@@ -493,7 +493,7 @@ typedef struct {
 
 typedef struct {
     Arr opt_states, opt_temps, head_grads, layer_saved, layer_transient, layer_copies, final_saved, shared,
-        layer_weights, root_weights;
+        layer_weights, root_weights, ddp_buckets, ddp_rebuilt;
     Op *ops;
     int64_t n_ops;
     int64_t shards, layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden,
@@ -1007,12 +1007,20 @@ static void load(Sim *sim, const Arr *script) {
 /* The training steps, from the loaded state in t->sim. */
 static void run(const Plan *p, int64_t steps, Tracer *t) {
     /* the lists are reused between replays (forward_backward empties each before use) */
-    static Vec grads = {0, 0, NULL}, temps = {0, 0, NULL}, held = {0, 0, NULL};
+    static Vec grads = {0, 0, NULL}, temps = {0, 0, NULL}, held = {0, 0, NULL}, buckets = {0, 0, NULL};
     static Lists l;
     Sim *sim = &t->sim;
     held.d_len = 0; /* the last step's tensors that its `loss` keeps alive (Plan.held_input) */
+    buckets.d_len = 0; /* DDP's Reducer buckets (ddp.py): made before the first step */
+    for (int64_t i = 0; i < p->ddp_buckets.n; i++) vec_push(&buckets, sim_new(sim, p->ddp_buckets.v[i]), &t->err);
     if (p->checkpoint) first_pass_prepare(p, t, &l);
     for (int64_t step = 0; step < steps && !ERR(t); step++) {
+        if (step == 1 && p->ddp_rebuilt.n) { /* Reducer::rebuild_buckets before the second forward */
+            free_all(sim, buckets.d, buckets.d_len);
+            buckets.d_len = 0;
+            for (int64_t i = 0; i < p->ddp_rebuilt.n; i++)
+                vec_push(&buckets, sim_new(sim, p->ddp_rebuilt.v[i]), &t->err);
+        }
         forward_backward(p, t, &l, &grads, step == 0 ? p->workspace : 0, &held);
         if (ERR(t)) break;
         if (step == 0) { /* optimizer states are created lazily inside the first step() */
@@ -1037,8 +1045,9 @@ static void run(const Plan *p, int64_t steps, Tracer *t) {
 }
 
 static void plan_release(Plan *p) {
-    Arr *all[] = {&p->opt_states,  &p->opt_temps,   &p->head_grads, &p->layer_saved, &p->layer_transient,
-                  &p->layer_copies, &p->final_saved, &p->shared,     &p->layer_weights, &p->root_weights};
+    Arr *all[] = {&p->opt_states,   &p->opt_temps,   &p->head_grads,    &p->layer_saved,
+                  &p->layer_transient, &p->layer_copies, &p->final_saved,   &p->shared,
+                  &p->layer_weights,   &p->root_weights, &p->ddp_buckets,   &p->ddp_rebuilt};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]->v);
     for (int64_t i = 0; i < p->n_ops; i++) {
         free(p->ops[i].grads.v);
@@ -1097,15 +1106,16 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
     PyObject *rest = PyTuple_GetSlice(args, first, PyTuple_GET_SIZE(args));
     if (!rest) return -1;
     PyObject *ops, *opt_states, *opt_temps, *head_grads, *layer_saved, *layer_transient, *layer_copies,
-        *final_saved, *shared, *layer_weights, *root_weights;
+        *final_saved, *shared, *layer_weights, *root_weights, *ddp_buckets, *ddp_rebuilt;
     long long layers, adafactor, embed_grad, tied, head_copy, cache_copies, checkpoint, hidden, logits,
         logits_fp32, vocab_fp32, dequant;
     long long softcap, workspace, transient_op, held_input;
-    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLLLLL", &layers, &ops, &opt_states, &opt_temps,
+    int ok = PyArg_ParseTuple(rest, "LOOOLOLLOOOLLLOLLLLOLOOLLLLOOL", &layers, &ops, &opt_states, &opt_temps,
                               &adafactor, &head_grads, &embed_grad, &tied, &layer_saved, &layer_transient,
                               &layer_copies, &head_copy, &cache_copies, &checkpoint, &final_saved, &hidden,
                               &logits, &logits_fp32, &vocab_fp32, &shared, &dequant, &layer_weights,
-                              &root_weights, &softcap, &workspace, &transient_op, &held_input, steps);
+                              &root_weights, &softcap, &workspace, &transient_op, &held_input, &ddp_buckets,
+                              &ddp_rebuilt, steps);
     if (!ok) {
         Py_DECREF(rest);
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
@@ -1134,7 +1144,8 @@ static int parse_rest(PyObject *args, Py_ssize_t first, Plan *p, long long *step
         (rc = to_arr(layer_saved, &p->layer_saved)) || (rc = to_arr(layer_transient, &p->layer_transient)) ||
         (rc = to_arr(layer_copies, &p->layer_copies)) || (rc = to_arr(final_saved, &p->final_saved)) ||
         (rc = to_arr(shared, &p->shared)) || (rc = to_arr(layer_weights, &p->layer_weights)) ||
-        (rc = to_arr(root_weights, &p->root_weights))) {
+        (rc = to_arr(root_weights, &p->root_weights)) || (rc = to_arr(ddp_buckets, &p->ddp_buckets)) ||
+        (rc = to_arr(ddp_rebuilt, &p->ddp_rebuilt))) {
         Py_DECREF(rest);
         return rc;
     }
@@ -1357,6 +1368,9 @@ static int64_t plan_leaves(Plan *p, int64_t **out, char *structural) {
     LEAF(&p->softcap, 1);
     LEAF(&p->workspace, 0);
     LEAF(&p->transient_op, 1);
+    LEAF(&p->held_input, 1);
+    LEAVES(p->ddp_buckets);
+    LEAVES(p->ddp_rebuilt);
 #undef LEAVES
 #undef LEAF
     return n;

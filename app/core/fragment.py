@@ -10,7 +10,7 @@ from app.core import moe_lora
 from app.core.allocator import CUBLAS_WORKSPACE_THREAD_BYTES
 from app.core.architecture import Architecture
 from app.core.keys import field_values
-from app.core.loading import load_script
+from app.core.loading import ddp_buckets, load_script
 from app.core.params import grad_size, param_bytes, param_groups, weight_tensors
 from app.core.setup import TrainingSetup
 from app.core.trace import CHECK_AT, FIT_AT, Shape, Shapes, TracePlan, simulate, simulate_at, template
@@ -114,6 +114,8 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         saved.extend(op_saved[o.name])
         ops.append((len(op_saved[o.name]), shapes, op_grad_in[o.name], tuple(op_scratch[o.name])))
 
+    ddp = setup.num_gpus > 1 and setup.parallelism == "ddp"
+    buckets = ddp_buckets(arch, setup, targets) if ddp else ((), ())
     copies: list[int] = []
     head_copy = 0
     if d.autocast:
@@ -159,6 +161,8 @@ def build_plan(arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
         op_dequant=tuple(op_dequant),
         transient_op=[o.name for o in la.ops].index(scratch_op),
         held_input=not full and setup.gradient_checkpointing,
+        ddp_buckets=buckets[0],
+        ddp_rebuilt=buckets[1],
     )
 
 

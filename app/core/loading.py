@@ -45,7 +45,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
-from app.core import moe_lora
+from app.core import ddp, moe_lora
 from app.core.architecture import Architecture, Linear
 from app.core.keys import HashOnceTuple
 from app.core.params import param_bytes
@@ -361,11 +361,12 @@ def warmup_bytes(tensors: tuple[Tensor, ...], elem: int, unused: int) -> int:
 
 def _key(
     setup: TrainingSetup, targets: frozenset[str]
-) -> tuple[str, str, bool, frozenset[str], int, int, bool]:
+) -> tuple[str, str, bool, frozenset[str], int, int, bool, bool]:
     full = setup.method == "full"
     shards = setup.num_gpus if setup.parallelism == "fsdp" else 1
+    ddp = setup.num_gpus > 1 and setup.parallelism == "ddp"
     return (setup.method, setup.precision, setup.double_quant, frozenset() if full else targets,
-            0 if full else setup.lora_rank, shards, shards == 1 or setup.full_model_load_per_gpu)
+            0 if full else setup.lora_rank, shards, shards == 1 or setup.full_model_load_per_gpu, ddp)
 
 
 def load_stages(
@@ -392,8 +393,11 @@ def _script(
     rank: int,
     shards: int,
     full_load: bool,
+    ddp: bool,
 ) -> tuple[int, ...]:
-    loaded, peft, shard = _stages(arch, method, precision, double_quant, targets, rank, shards, full_load)
+    loaded, peft, shard = _stages(
+        arch, method, precision, double_quant, targets, rank, shards, full_load, ddp
+    )
     return Script(loaded + peft + shard)
 
 
@@ -407,8 +411,15 @@ def _stages(
     rank: int,
     shards: int,
     full_load: bool,
+    ddp: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     ops, count, live, lora = _single(arch, method, precision, double_quant, targets, rank)
+    if ddp:
+        s = _Script()
+        s.count = count
+        wrap = _ddp_wrap(arch, method, precision, lora)
+        s.append(wrap, sum(op >= 0 for op in wrap))
+        return ops[0], ops[1], tuple(s.ops)
     if shards == 1:
         return ops
     quantize = method == "qlora"
@@ -435,6 +446,45 @@ def _stages(
     shard_allocs = [op for op in ghost.ops if op >= 0]
     s.append(shard_allocs, len(shard_allocs))
     return tuple(s.ops), (), ()
+
+
+def _ddp_wrap(
+    arch: Architecture, method: str, precision: str, lora: dict[int, tuple[tuple[int, int, int, int], ...]]
+) -> list[int]:
+    """DistributedDataParallel's module-state broadcast over the loaded model (ddp.py)."""
+    return ddp.broadcast_ops(ddp_params(arch, method, precision, lora)[0])
+
+
+def ddp_params(
+    arch: Architecture, method: str, precision: str, lora: dict[int, tuple[tuple[int, int, int, int], ...]]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(every parameter, the trainable ones) in model.parameters() order as (bytes, element size), each
+    LoRA adapter after its base weight."""
+    quantize = method == "qlora"
+    elem = _load_elem(method, precision)
+    states: list[tuple[int, int]] = []
+    trainable: list[tuple[int, int]] = []
+    for idx, t in enumerate(model_tensors(arch, quantize)):
+        if t.quantized:  # a Params4bit: its packed uint8 data (the quant state is no parameter)
+            states.append((-(-t.numel // 2), 1))
+        else:  # prepare_model_for_kbit_training made the others fp32
+            size = 4 if quantize else elem
+            states.append((t.numel * size, size))
+            if method == "full":
+                trainable.append(states[-1])
+        for rows, cols, _handle, size in lora.get(idx, ()):
+            states.append((rows * cols * size, size))
+            trainable.append(states[-1])
+    return states, trainable
+
+
+def ddp_buckets(
+    arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The Reducer's first and rebuilt buckets for this setup under DDP (ddp.buckets)."""
+    method, precision, dq, tgt, rank, *_ = _key(setup, targets)
+    lora = _single(arch, method, precision, dq, tgt, rank)[3]
+    return ddp.buckets(ddp_params(arch, method, precision, lora)[1])
 
 
 def _load_elem(method: str, precision: str) -> int:

@@ -382,12 +382,6 @@ def estimate_memory(
     if sim_alloc and replayed is not own and replayed != own:
         frag = frag * allocated // sim_alloc
         assumptions.append("Allocator fragmentation scaled from a replay of a neighbouring setup.")
-    if multi and setup.parallelism == "ddp":
-        # DDP allocates its buckets when the model is wrapped, before the first step, and the step's
-        # transients then reuse the blocks that fragment a single-GPU step: Llama-3.2-1B full b4 s1024
-        # allocated 2.31 GiB more under DDP than alone (f-ddp-2gpu-001 vs a-llama-3.2-1b-sweeps-007)
-        # but reserved 0.63 GiB less; the buckets come out of the single-GPU replay's free blocks.
-        frag = max(0, frag - breakdown["ddp_buckets"])
     breakdown["allocator_fragmentation"] = frag
     if shard_params and not setup.full_model_load_per_gpu:
         assumptions.append(
@@ -507,8 +501,12 @@ def _fsdp_terms(
 
 @lru_cache(maxsize=4096)
 def _single_gpu(setup: TrainingSetup) -> TrainingSetup:
-    if setup.num_gpus == 1 or setup.parallelism == "fsdp":  # FSDP2 is replayed sharded (trace.py)
+    """The setup the allocator replay runs: FSDP2 sharded (trace.py), DDP with its wrap (ddp.py: the
+    same for any GPU count), ZeRO's forward/backward on one GPU (its own replay adds the rest)."""
+    if setup.num_gpus == 1 or setup.parallelism == "fsdp":
         return setup
+    if setup.parallelism == "ddp":
+        return replace(setup, num_gpus=2)
     return replace(setup, num_gpus=1, parallelism="ddp")
 
 

@@ -69,6 +69,10 @@ class TracePlan:
     # so the backward leaves its gradient in `.grad`; the loop's `loss` holds the graph and with it
     # both tensors until the next step's `loss = model(...)` rebinds it (_forward_backward `held`)
     held_input: bool = False
+    # DDP (ddp.py): the Reducer's first buckets, made before the first step, and the buckets it rebuilds
+    # (the first freed) before the second step's forward
+    ddp_buckets: tuple[int, ...] = ()
+    ddp_rebuilt: tuple[int, ...] = ()
 
 
 def simulate(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
@@ -199,7 +203,11 @@ def simulate_py(plan: TracePlan, steps: int = 2) -> tuple[int, int]:
     tr = _Tracer(sim, plan.shards)
     states, step_temps = _optimizer_tensors(plan.opt_params, plan.optimizer, plan.shards, plan.grad_size)
     held: list[int] = []  # the last step's tensors that its `loss` keeps alive (TracePlan.held_input)
+    buckets = [sim.new(n) for n in plan.ddp_buckets]
     for step in range(steps):
+        if step == 1 and plan.ddp_rebuilt:  # Reducer::rebuild_buckets in the second forward's pre-hook
+            sim.free_all(buckets)
+            buckets = [sim.new(n) for n in plan.ddp_rebuilt]
         grads = _forward_backward(plan, tr, plan.workspace if step == 0 else 0, held)
         if step == 0:  # optimizer states are created lazily inside the first step()
             for nbytes in states:
@@ -271,6 +279,8 @@ def _flat(plan: TracePlan) -> tuple[object, ...]:
         plan.workspace,
         plan.transient_op,
         int(plan.held_input),
+        plan.ddp_buckets,
+        plan.ddp_rebuilt,
     )
 
 

@@ -138,6 +138,9 @@ def _plans(draw: st.DrawFn) -> TracePlan:
         # QLoRA's (dequantized weight, product) pairs per op, which the checkpointed first pass makes
         op_dequant=tuple(draw(_pairs) for _ in ops) if draw(st.booleans()) else (),
         transient_op=draw(st.integers(0, len(ops) - 1)),
+        # DDP's Reducer buckets: the first made before step 1, rebuilt (freed, made anew) before step 2
+        ddp_buckets=(ddp := draw(_sizes) if shards == 1 else ()),
+        ddp_rebuilt=draw(_sizes) if ddp else (),
     )
 
 
