@@ -37,6 +37,7 @@ def clear_core_caches() -> None:
     fragment._unit_batch.cache_clear()
     fragment._setup_of.cache_clear()
     loading._stages.cache_clear()
+    loading._ddp_buckets.cache_clear()
     loading._script.cache_clear()
     loading.model_tensors.cache_clear()
     loading._layer_linears.cache_clear()

@@ -482,8 +482,15 @@ def ddp_buckets(
     arch: Architecture, setup: TrainingSetup, targets: frozenset[str]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The Reducer's first and rebuilt buckets for this setup under DDP (ddp.buckets)."""
-    method, precision, dq, tgt, rank, *_ = _key(setup, targets)
-    lora = _single(arch, method, precision, dq, tgt, rank)[3]
+    return _ddp_buckets(arch, *_key(setup, targets)[:5])
+
+
+@lru_cache(maxsize=64)
+def _ddp_buckets(
+    arch: Architecture, method: str, precision: str, dq: bool, targets: frozenset[str], rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """ddp_buckets per model and method: build_plan asks on every DDP estimate."""
+    lora = _single(arch, method, precision, dq, targets, rank)[3]
     return ddp.buckets(ddp_params(arch, method, precision, lora)[1])
 
 
